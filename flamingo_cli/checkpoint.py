@@ -1,0 +1,224 @@
+"""The checkpoint directory: what `--ckpt DIR` means everywhere.
+
+    DIR/config.yaml          FlamingoConfig: encoder, LM, resampler, xattn, special tokens
+    DIR/model.safetensors    the trainable weights only (resampler, xattn blocks, new token rows)
+    DIR/lm/                  optional: the frozen LM and tokenizer, for a self-contained checkpoint
+    DIR/encoder.safetensors  optional: the frozen vision encoder's weights
+
+Relative paths in config.yaml resolve against DIR. This module is the only one that
+reads or writes these files; the model itself never touches the filesystem.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import EncoderConfig, FlamingoConfig, LMConfig
+from .errors import CheckpointError, ConfigError
+from .model import Flamingo
+from .vision_encoder import VisionEncoder
+
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "model.safetensors"
+LM_DIR = "lm"
+ENCODER_FILE = "encoder.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _resolve(path: str, base: Path | None) -> str:
+    p = Path(path).expanduser()
+    if base is not None and not p.is_absolute() and (base / p).exists():
+        return str(base / p)
+    return str(p)
+
+
+def read_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, or a torch pickle loaded with weights_only=True (never arbitrary code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt files raise many types; all mean the same to the user
+        raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    return state
+
+
+def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str) -> None:
+    """Raise one CheckpointError naming every missing, unexpected or mis-shaped key."""
+    problems = []
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(found) if tuple(expected[k].shape) != tuple(found[k].shape))
+    if missing:
+        problems.append("missing " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected " + ", ".join(unexpected))
+    if shapes:
+        problems.append("wrong shape " + ", ".join(
+            f"{k} (file {list(found[k].shape)}, model {list(expected[k].shape)})" for k in shapes))
+    if problems:
+        raise CheckpointError(f"{source}: " + "; ".join(problems))
+
+
+def load_encoder(config: EncoderConfig, base: Path | None = None) -> VisionEncoder:
+    import timm
+
+    try:
+        model = timm.create_model(config.name, pretrained=False, **config.kwargs)
+    except Exception as e:
+        raise ConfigError(f"encoder {config.name!r}: {e}") from None
+    if config.weights:
+        path = _resolve(config.weights, base)
+        state = read_state_file(path)
+        check_state_dict(model.state_dict(), state, path)
+        model.load_state_dict(state)
+    return VisionEncoder(config, model)
+
+
+def load_lm(config: LMConfig, base: Path | None = None):
+    """The frozen LM and its tokenizer, from a local directory (or a hub id when online)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not config.path:
+        raise ConfigError("lm.path is empty: give a local LM directory or a hub id")
+    path = _resolve(config.path, base)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision)
+        lm = AutoModelForCausalLM.from_pretrained(path, revision=config.revision, dtype=DTYPES[config.dtype])
+    except OSError as e:
+        raise CheckpointError(f"LM {path}: {str(e).splitlines()[0]}") from None
+    return lm, tokenizer
+
+
+def build_model(config: FlamingoConfig, base: Path | None = None, *, with_encoder: bool = True) -> Flamingo:
+    """A Flamingo with freshly initialised trainable parts around the LM and encoder config names."""
+    encoder = load_encoder(config.encoder, base) if with_encoder else None
+    if encoder is not None and encoder.dim != config.resampler.dim:
+        raise CheckpointError(
+            f"encoder {config.encoder.name} gives {encoder.dim}-wide features but resampler.dim is {config.resampler.dim}"
+        )
+    lm, tokenizer = load_lm(config.lm, base)
+    return Flamingo(config, lm, tokenizer, encoder)
+
+
+def new_model(config: FlamingoConfig, *, seed: int = 0) -> Flamingo:
+    """An untrained model for `flamingo init`: the resampler's width follows the encoder."""
+    encoder = load_encoder(config.encoder)
+    config = FlamingoConfig.from_dict(config.to_dict())
+    config.resampler.dim = encoder.dim
+    lm, tokenizer = load_lm(config.lm)
+    torch.manual_seed(seed)
+    return Flamingo(config, lm, tokenizer, encoder)
+
+
+def read_config(directory: str | Path) -> FlamingoConfig:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: not a checkpoint directory (no {CONFIG_FILE})")
+    try:
+        return FlamingoConfig.from_yaml(path.read_text())
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def load_checkpoint(directory: str | Path, *, with_encoder: bool = True) -> Flamingo:
+    """Load a checkpoint directory. Names and shapes are checked strictly: anything missing,
+    unexpected or mis-shaped is reported in one CheckpointError."""
+    directory = Path(directory)
+    config = read_config(directory)
+    model = build_model(config, directory, with_encoder=with_encoder)
+    model.source_dir = directory
+    weights = directory / WEIGHTS_FILE
+    state = read_state_file(weights)
+    expected = model.trainable_state_dict()
+    check_state_dict(expected, state, str(weights))
+    with torch.no_grad():
+        for name, tensor in expected.items():
+            tensor.copy_(state[name])
+    return model
+
+
+def save_checkpoint(model: Flamingo, directory: str | Path, *, embed_lm: bool = False,
+                    embed_encoder: bool = False) -> Path:
+    """Write the checkpoint directory atomically: a temp dir beside it, then a rename.
+
+    embed_lm copies the LM directory in (lm/) and embed_encoder stores the encoder's
+    weights, so the checkpoint runs on a machine that has neither. Parts already
+    embedded in the directory being overwritten stay embedded.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory).absolute()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    config = FlamingoConfig.from_dict(model.config.to_dict())
+    base = getattr(model, "source_dir", None)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        state = {k: v.detach().float().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE))
+
+        lm_source = Path(_resolve(config.lm.path, base)).absolute()
+        if embed_lm or _inside(lm_source, directory):
+            if not lm_source.is_dir():
+                raise CheckpointError(f"cannot embed the LM: {config.lm.path} is not a local directory")
+            shutil.copytree(lm_source, tmp / LM_DIR)
+            config.lm.path, config.lm.revision = LM_DIR, None
+        elif lm_source.exists():
+            config.lm.path = str(lm_source)
+
+        weights = Path(_resolve(config.encoder.weights, base)).absolute() if config.encoder.weights else None
+        if embed_encoder or (weights is not None and _inside(weights, directory)):
+            if weights is not None:
+                shutil.copyfile(weights, tmp / ENCODER_FILE)
+            elif model.encoder is not None:
+                save_file({k: v.contiguous() for k, v in model.encoder.model.state_dict().items()},
+                          str(tmp / ENCODER_FILE))
+            else:
+                raise CheckpointError("cannot embed a randomly initialised encoder that was not loaded")
+            config.encoder.weights = ENCODER_FILE
+        elif weights is not None:
+            config.encoder.weights = str(weights)
+
+        (tmp / CONFIG_FILE).write_text(config.to_yaml())
+        _default_permissions(tmp)
+        _replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _default_permissions(root: Path) -> None:
+    """mkdtemp makes a private 0700 directory; the checkpoint should get the usual umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for path in root.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    if not target.exists():
+        os.rename(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    os.rename(target, old / "x")
+    os.rename(new, target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,123 @@
+"""Configuration dataclasses: what a checkpoint directory's config.yaml holds.
+
+Every field has a default, so a YAML file only needs the fields that differ.
+`to_dict` / `from_dict` round-trip exactly and reject unknown keys, so a typo in a
+preset is an error rather than a silently ignored setting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+IMAGE_TOKEN = "<image>"
+END_OF_CHUNK_TOKEN = "<|endofchunk|>"
+
+
+@dataclass
+class EncoderConfig:
+    name: str = "vit_large_patch14_clip_224.openai"  # any timm model name
+    weights: str | None = None  # local weights file (.safetensors or torch); None = random init
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments (img_size, depth, ...)
+    keep_cls: bool = False  # keep the prefix (CLS/register) tokens; OpenFlamingo drops them
+    final_norm: bool = False  # tokens after the final norm; OpenFlamingo's weights saw them *before* it
+    image_size: int | None = None  # input resolution; None = timm's data config (or a ViT's img_size)
+
+
+@dataclass
+class ResamplerConfig:
+    dim: int = 1024  # width of the vision features, and of the visual tokens
+    depth: int = 6
+    heads: int = 8
+    dim_head: int = 64
+    num_latents: int = 64  # visual tokens per image or video
+    ff_mult: int = 4
+    max_frames: int = 8  # learned temporal embeddings; more frames at inference are interpolated; 0 = none
+    activation: str = "gelu"  # "gelu" (OpenFlamingo) or "sqrelu" (the paper's squared ReLU)
+
+
+@dataclass
+class XAttnConfig:
+    every: int = 1  # a GATED XATTN-DENSE block before every N-th LM layer
+    placement: str = "paper"  # "paper": layers 0, N, 2N, ...; "openflamingo": layers where (i+1) % N == 0
+    heads: int = 8
+    dim_head: int = 64
+    ff_mult: int = 4
+    masking: str = "last_image"  # "last_image" (the paper) or "all_previous" (ablation)
+
+
+@dataclass
+class LMConfig:
+    path: str = ""  # local directory (relative paths resolve against the checkpoint dir) or hub id
+    revision: str | None = None
+    dtype: str = "float32"  # dtype the frozen LM is held in: float32, bfloat16 or float16
+
+
+@dataclass
+class FlamingoConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
+    xattn: XAttnConfig = field(default_factory=XAttnConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    # Tokens added to the LM's tokenizer, in id order. "<PAD>" is added too when the
+    # tokenizer has no pad token, as OpenFlamingo does.
+    special_tokens: list[str] = field(default_factory=lambda: [END_OF_CHUNK_TOKEN, IMAGE_TOKEN])
+
+    def validate(self) -> None:
+        if self.xattn.every < 1:
+            raise ConfigError(f"xattn.every must be >= 1, got {self.xattn.every}")
+        if self.xattn.placement not in ("paper", "openflamingo"):
+            raise ConfigError(f"xattn.placement must be 'paper' or 'openflamingo', got {self.xattn.placement!r}")
+        if self.xattn.masking not in ("last_image", "all_previous"):
+            raise ConfigError(f"xattn.masking must be 'last_image' or 'all_previous', got {self.xattn.masking!r}")
+        if self.resampler.activation not in ("gelu", "sqrelu"):
+            raise ConfigError(f"resampler.activation must be 'gelu' or 'sqrelu', got {self.resampler.activation!r}")
+        if self.lm.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"lm.dtype must be float32, bfloat16 or float16, got {self.lm.dtype!r}")
+        for tok in (IMAGE_TOKEN, END_OF_CHUNK_TOKEN):
+            if tok not in self.special_tokens:
+                raise ConfigError(f"special_tokens must include {tok!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FlamingoConfig":
+        config = _from_dict(cls, data, "config")
+        config.validate()
+        return config
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "FlamingoConfig":
+        import yaml
+
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"not valid YAML: {e}".splitlines()[0]) from None
+        return cls.from_dict(data)
+
+
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    values = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            value = _from_dict(hint, value, f"{where}.{name}")
+        values[name] = value
+    return cls(**values)

@@ -1,0 +1,215 @@
+"""The Flamingo model: frozen vision encoder -> Perceiver Resampler -> frozen LM with
+GATED XATTN-DENSE blocks in front of every N-th decoder layer.
+
+    p(y | x) = prod_l p(y_l | y_<l, x_<=l)
+
+The LM is left structurally untouched: each block runs in a forward pre-hook of its
+decoder layer, so the LM's own forward, KV cache and `generate` work unchanged.
+The media a call is conditioned on never live on the modules: they travel in a
+context variable set for the duration of one forward or generate call, so two models,
+two threads, or two calls with different media cannot interfere.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import END_OF_CHUNK_TOKEN, IMAGE_TOKEN, FlamingoConfig
+from .lm import PAD_TOKEN, add_special_tokens, attach_new_token_rows, decoder_layers, text_config, xattn_layer_indices
+from .masking import image_index
+from .resampler import PerceiverResampler
+from .vision_encoder import VisionEncoder
+from .xattn import GatedXAttnDense
+
+
+@dataclass
+class MediaContext:
+    """What one call is conditioned on."""
+    visual: torch.Tensor | None  # (b, m, l, d) visual tokens of every image in the sequence
+    phi: torch.Tensor  # (b, t) image index of the positions [start, start + t) known when the call began
+    start: int = 0
+    chunk_phi: torch.Tensor | None = None  # phi of the chunk the LM is running now
+    kv: dict = field(default_factory=dict)  # per block: the visual K/V, computed once per call
+
+
+# model key -> its MediaContext, for the calls running in this thread / task.
+_ACTIVE: ContextVar[dict] = ContextVar("flamingo_media", default={})
+
+
+def _cache_length(kwargs: dict) -> int:
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+
+
+class Flamingo(nn.Module):
+    def __init__(self, config: FlamingoConfig, lm: nn.Module, tokenizer, encoder: VisionEncoder | None = None):
+        """Wraps `lm` in place (hooks, new token rows) and adds Flamingo's tokens to `tokenizer`."""
+        super().__init__()
+        config.validate()
+        if getattr(lm, "_flamingo_wrapped", False):
+            raise ValueError("this LM instance is already part of a Flamingo model; load a fresh one")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.encoder = encoder
+        self.resampler = PerceiverResampler(config.resampler)
+
+        if tokenizer.pad_token is None and PAD_TOKEN not in config.special_tokens:
+            config = copy.deepcopy(config)
+            config.special_tokens = [*config.special_tokens, PAD_TOKEN]
+            self.config = config
+        new_ids = add_special_tokens(tokenizer, config.special_tokens)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.eoc_token_id = tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN)
+        self.pad_token_id = tokenizer.pad_token_id
+
+        layers = decoder_layers(lm)
+        hidden = text_config(lm).hidden_size
+        self.xattn = nn.ModuleDict({
+            str(i): GatedXAttnDense(dim=hidden, dim_visual=config.resampler.dim, config=config.xattn)
+            for i in xattn_layer_indices(len(layers), config.xattn.every, config.xattn.placement)
+        })
+        self.new_tokens = attach_new_token_rows(lm, new_ids[0], len(new_ids))
+        self.lm = lm.requires_grad_(False).eval()
+        lm._flamingo_wrapped = True
+        self._cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+        lm.register_forward_pre_hook(self._locate_chunk, with_kwargs=True)
+        for i in self.xattn:
+            layers[int(i)].register_forward_pre_hook(self._block_hook(i), with_kwargs=True)
+
+    # -- conditioning -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _conditioned(self, ctx: MediaContext):
+        token = _ACTIVE.set({**_ACTIVE.get(), id(self): ctx})
+        try:
+            yield
+        finally:
+            _ACTIVE.reset(token)
+
+    def _context(self) -> MediaContext | None:
+        return _ACTIVE.get().get(id(self))
+
+    def _locate_chunk(self, module, args, kwargs):
+        """Before each LM call: the image index of the tokens it is about to run."""
+        ctx = self._context()
+        if ctx is None:
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        t = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
+        pos = torch.arange(t, device=ctx.phi.device) + _cache_length(kwargs) - ctx.start
+        # Positions past the known ones are generated tokens: never <image>, so they keep the last phi.
+        ctx.chunk_phi = ctx.phi[:, pos.clamp(0, ctx.phi.shape[1] - 1)]
+        return None
+
+    def _block_hook(self, i: str):
+        def hook(module, args, kwargs):
+            y = args[0] if args else kwargs["hidden_states"]
+            ctx = self._context()
+            block = self.xattn[i]
+            dtype = block.ff_gate.dtype
+            kv, phi, m = None, None, 0
+            if ctx is not None and ctx.visual is not None:
+                if i not in ctx.kv:
+                    ctx.kv[i] = block.attn.keys_values(ctx.visual.to(dtype))
+                kv, phi, m = ctx.kv[i], ctx.chunk_phi, ctx.visual.shape[1]
+            y = block(y.to(dtype), kv, phi, m).to(y.dtype)
+            if args:
+                return (y, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": y}
+        return hook
+
+    # -- media ------------------------------------------------------------------------
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (b, [f,] 3, h, w) -> frozen features (b, f, n, d)."""
+        if self.encoder is None:
+            raise ValueError("this model was loaded without its vision encoder")
+        return self.encoder(pixels)
+
+    def resample(self, features: torch.Tensor) -> torch.Tensor:
+        """features (b, f, n, d) -> visual tokens (b, num_latents, d); or (b, m, f, n, d) -> (b, m, l, d)."""
+        dtype = self.resampler.latents.dtype
+        return self.resampler(features.to(dtype))
+
+    # -- text -------------------------------------------------------------------------
+
+    def _check_media(self, phi: torch.Tensor, visual: torch.Tensor | None) -> None:
+        images = int(phi.max()) if phi.numel() else 0
+        have = 0 if visual is None else visual.shape[1]
+        if images > have:
+            raise ValueError(f"the text refers to {images} <image>(s) but {have} visual input(s) were given")
+        if visual is not None and (visual.ndim != 4 or visual.shape[-1] != self.config.resampler.dim):
+            raise ValueError(
+                f"visual tokens must be (batch, media, tokens, {self.config.resampler.dim}), got {tuple(visual.shape)}"
+            )
+
+    def forward(self, input_ids: torch.Tensor, visual: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None, images_before: torch.Tensor | None = None,
+                cache=None, use_cache: bool = False):
+        """Next-token logits for input_ids (b, t) conditioned on visual tokens (b, m, l, d).
+
+        With a `cache` from an earlier call, input_ids continue that sequence and
+        `images_before` (b,) counts the <image> tokens already in it.
+        Returns the LM's output (`.logits`, and the cache when use_cache).
+        """
+        phi = image_index(input_ids, self.image_token_id, images_before)
+        self._check_media(phi, visual)
+        ctx = MediaContext(visual=visual, phi=phi, start=_cache_length({"cache": cache}))
+        with self._conditioned(ctx):
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask,
+                           **{self._cache_kw: cache}, use_cache=use_cache)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, visual: torch.Tensor | None = None, *,
+                 attention_mask: torch.Tensor | None = None, num_beams: int = 3, max_new_tokens: int = 20,
+                 length_penalty: float = 1.0) -> torch.Tensor:
+        """Greedy (num_beams=1) or beam search with transformers' own `generate`, stopping at
+        <|endofchunk|>. Visual tokens and their cross-attention K/V are computed once per
+        prompt. Returns the new token ids (b, <= max_new_tokens), padded with pad_token_id."""
+        phi = image_index(input_ids, self.image_token_id)
+        self._check_media(phi, visual)
+        expand = (lambda t: t.repeat_interleave(num_beams, dim=0)) if num_beams > 1 else (lambda t: t)
+        ctx = MediaContext(visual=None if visual is None else expand(visual), phi=expand(phi))
+        eos = [self.eoc_token_id]
+        if self.tokenizer.eos_token_id is not None:
+            eos.append(self.tokenizer.eos_token_id)
+        with self._conditioned(ctx):
+            out = self.lm.generate(
+                input_ids=input_ids, attention_mask=attention_mask, do_sample=False, num_beams=num_beams,
+                max_new_tokens=max_new_tokens, length_penalty=length_penalty, eos_token_id=eos,
+                pad_token_id=self.pad_token_id, suppress_tokens=[self.image_token_id],
+            )
+        return out[:, input_ids.shape[1]:]
+
+    # -- training ---------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> "Flamingo":
+        super().train(mode)
+        self.lm.eval()  # frozen: no dropout in the LM, whatever the blocks do
+        if self.encoder is not None:
+            self.encoder.eval()
+        return self
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Resampler, GATED XATTN-DENSE blocks and the new token rows: what a checkpoint stores."""
+        return {
+            f"{prefix}.{name}": p
+            for prefix in ("resampler", "xattn", "new_tokens")
+            for name, p in getattr(self, prefix).state_dict().items()
+        }
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for prefix in ("resampler", "xattn", "new_tokens") for p in getattr(self, prefix).parameters()]
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL; labels of -100 (padding, <image>, ...) carry no loss."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
