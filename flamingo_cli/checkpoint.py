@@ -156,8 +156,8 @@ def save_checkpoint(model: Flamingo, directory: str | Path, *, embed_lm: bool = 
     """Write the checkpoint directory atomically: a temp dir beside it, then a rename.
 
     embed_lm copies the LM directory in (lm/) and embed_encoder stores the encoder's
-    weights, so the checkpoint runs on a machine that has neither. Parts already
-    embedded in the directory being overwritten stay embedded.
+    weights, so the checkpoint runs on a machine that has neither. Parts embedded in the
+    checkpoint the model was loaded from stay embedded.
     """
     from safetensors.torch import save_file
 
@@ -165,13 +165,14 @@ def save_checkpoint(model: Flamingo, directory: str | Path, *, embed_lm: bool = 
     directory.parent.mkdir(parents=True, exist_ok=True)
     config = FlamingoConfig.from_dict(model.config.to_dict())
     base = getattr(model, "source_dir", None)
+    embedded = [p for p in (directory, base) if p is not None]
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         state = {k: v.detach().float().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
 
         lm_source = Path(_resolve(config.lm.path, base)).absolute()
-        if embed_lm or _inside(lm_source, directory):
+        if embed_lm or _inside(lm_source, embedded):
             if not lm_source.is_dir():
                 raise CheckpointError(f"cannot embed the LM: {config.lm.path} is not a local directory")
             shutil.copytree(lm_source, tmp / LM_DIR)
@@ -180,7 +181,7 @@ def save_checkpoint(model: Flamingo, directory: str | Path, *, embed_lm: bool = 
             config.lm.path = str(lm_source)
 
         weights = Path(_resolve(config.encoder.weights, base)).absolute() if config.encoder.weights else None
-        if embed_encoder or (weights is not None and _inside(weights, directory)):
+        if embed_encoder or (weights is not None and _inside(weights, embedded)):
             if weights is not None:
                 shutil.copyfile(weights, tmp / ENCODER_FILE)
             elif model.encoder is not None:
@@ -210,8 +211,8 @@ def _default_permissions(root: Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def _inside(path: Path, directory: Path) -> bool:
-    return path == directory or directory in path.parents
+def _inside(path: Path, directories: list[Path]) -> bool:
+    return any(path == d or d in path.parents for d in (Path(d).absolute() for d in directories))
 
 
 def _replace_dir(new: Path, target: Path) -> None:

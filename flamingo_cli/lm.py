@@ -108,9 +108,13 @@ class HeadWithNewRows(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         r = self.rows
         logits = self.base(h)
-        new = h @ r.output_rows.to(h.dtype).T  # (..., count)
-        end = r.first_id + r.count
-        return torch.cat([logits[..., : r.first_id], new.to(logits.dtype), logits[..., end:]], dim=-1)
+        vocab, end = logits.shape[-1], r.first_id + r.count
+        parts = [logits[..., : min(r.first_id, vocab)]]
+        if r.first_id > vocab:  # tokenizer ids with no LM row (e.g. a pad the LM never saw): never predicted
+            parts.append(logits.new_full((*logits.shape[:-1], r.first_id - vocab), torch.finfo(logits.dtype).min))
+        parts.append((h @ r.output_rows.to(h.dtype).T).to(logits.dtype))
+        parts.append(logits[..., end:])
+        return torch.cat(parts, dim=-1)
 
 
 def attach_new_token_rows(lm: nn.Module, first_id: int, count: int) -> NewTokenRows:

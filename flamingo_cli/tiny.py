@@ -67,12 +67,15 @@ def tiny_lm_config(family: str, vocab_size: int, *, hidden: int = 64, layers: in
 def save_tiny_lm(directory: str | Path, family: str = "llama", *, seed: int = 0, **sizes) -> Path:
     """Write a tiny random causal LM and its tokenizer with save_pretrained; returns the directory."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(directory)
-    tokenizer = tiny_tokenizer()
+    lm_config = tiny_lm_config(family, 2, **sizes)  # vocab set below
+    lm_config.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    # AutoTokenizer may pick a family-specific class that adds tokens (Qwen2 adds its pad),
+    # so the LM gets one row per token of the tokenizer as it will be loaded.
+    lm_config.vocab_size = len(AutoTokenizer.from_pretrained(directory))
     torch.manual_seed(seed)
-    lm = AutoModelForCausalLM.from_config(tiny_lm_config(family, len(tokenizer), **sizes))
-    lm.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    AutoModelForCausalLM.from_config(lm_config).save_pretrained(directory)
     return directory

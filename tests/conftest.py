@@ -1,0 +1,75 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from flamingo_cli.config import FlamingoConfig, ResamplerConfig, XAttnConfig  # noqa: E402
+from flamingo_cli.tiny import FAMILIES, save_tiny_lm  # noqa: E402
+
+VISUAL_DIM = 32
+
+
+@pytest.fixture(scope="session")
+def lm_dir(tmp_path_factory):
+    """family -> directory of a tiny random LM with its locally trained tokenizer (built once)."""
+    root = tmp_path_factory.mktemp("lms")
+    made = {}
+
+    def get(family: str = "llama"):
+        if family not in made:
+            made[family] = save_tiny_lm(root / family, family)
+        return made[family]
+
+    return get
+
+
+def tiny_config(lm_path="", **xattn) -> FlamingoConfig:
+    config = FlamingoConfig(
+        resampler=ResamplerConfig(dim=VISUAL_DIM, depth=2, heads=2, dim_head=16, num_latents=4, max_frames=4),
+        xattn=XAttnConfig(every=2, heads=2, dim_head=16, **xattn),
+    )
+    config.lm.path = str(lm_path)
+    return config
+
+
+@pytest.fixture
+def make_model(lm_dir):
+    """Build a Flamingo around a freshly loaded tiny LM (no encoder: tests feed visual tokens)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flamingo_cli.model import Flamingo
+
+    def make(family="llama", *, gates=0.0, seed=0, **xattn):
+        path = lm_dir(family)
+        lm = AutoModelForCausalLM.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        torch.manual_seed(seed)
+        model = Flamingo(tiny_config(path, **xattn), lm, tokenizer)
+        set_gates(model, gates)
+        return model.eval()
+
+    return make
+
+
+def set_gates(model, value: float) -> None:
+    with torch.no_grad():
+        for block in model.xattn.values():
+            block.attn_gate.fill_(value)
+            block.ff_gate.fill_(value)
+
+
+def visual_tokens(batch: int, images: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, images, 4, VISUAL_DIM, generator=g)
+
+
+def ids_for(model, text: str) -> torch.Tensor:
+    return model.tokenizer(text, return_tensors="pt").input_ids
+
+
+def cache_of(output):
+    return getattr(output, "cache", None) or getattr(output, "past_key_values")
