@@ -30,7 +30,7 @@ demo: $(BIN)/.installed
 
 # Regenerate man/flamingo*.1 from the --help texts (tests check they are current).
 man: $(BIN)/.installed
-	$(BIN)/python -m flamingo_cli.manpages man
+	$(BIN)/python man/generate.py man
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -62,7 +62,7 @@ def _load_yaml_config(path: str | None):
         raise click.ClickException(f"{path}: {e}") from None
 
 
-@cli.command()
+@cli.command(short_help="Create an untrained checkpoint.")
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
               help="A FlamingoConfig YAML preset, e.g. stages/init/tiny.yaml.")
 @click.option("--lm", help="The frozen causal LM: a local directory (or a hub id when online).")
@@ -71,7 +71,7 @@ def _load_yaml_config(path: str | None):
 @click.option("--encoder-weights", type=click.Path(dir_okay=False), help="Local weights file for the encoder.")
 @click.option("--every", type=click.IntRange(min=1), help="A GATED XATTN-DENSE block every N LM layers.")
 @click.option("--placement", type=click.Choice(["paper", "openflamingo"]),
-              help="paper: layers 0, N, 2N...; openflamingo: layers where (i+1) %% N == 0.")
+              help="paper: layers 0, N, 2N...; openflamingo: layers where (i+1) % N == 0.")
 @click.option("--latents", type=click.IntRange(min=1), help="Visual tokens per image (resampler latents).")
 @click.option("--embed", is_flag=True, default=None, help="Copy the LM and encoder weights into the checkpoint.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the new weights.")

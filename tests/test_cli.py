@@ -1,0 +1,88 @@
+"""The flamingo command as a user runs it: real subprocesses and click's runner."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from flamingo_cli import __version__
+from flamingo_cli.cli import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+FLAMINGO = [sys.executable, "-c", "from flamingo_cli.cli import main; main()"]
+
+
+def run(*args, **kw):
+    return subprocess.run([*FLAMINGO, *args], capture_output=True, text=True, **kw)
+
+
+def test_help_and_version_go_to_stdout_and_exit_0():
+    for args in (["--help"], ["-h"], ["init", "--help"]):
+        r = run(*args)
+        assert r.returncode == 0 and r.stdout.startswith("Usage: flamingo") and r.stderr == ""
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout == f"flamingo, version {__version__}\n"
+
+
+def test_importing_the_cli_does_not_import_torch():
+    code = "import sys, flamingo_cli.cli; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_bad_option_exits_2_with_usage_on_stderr():
+    r = run("init", "--every", "zero", "-o", "x")
+    assert r.returncode == 2 and r.stdout == "" and "Usage:" in r.stderr and "Error:" in r.stderr
+
+
+def test_init_writes_a_loadable_untrained_checkpoint(tmp_path, lm_dir):
+    from flamingo_cli.checkpoint import load_checkpoint
+
+    out = tmp_path / "ckpt"
+    r = run("init", "-c", str(ROOT / "stages/init/tiny.yaml"), "--lm", str(lm_dir("gpt2")), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ""
+    assert "untrained" in r.stderr
+    model = load_checkpoint(out)
+    assert list(model.xattn) == ["0", "2"]
+    assert all(float(b.attn_gate.detach()) == 0 and float(b.ff_gate.detach()) == 0 for b in model.xattn.values())
+    assert model.config.resampler.dim == model.encoder.dim
+
+
+def test_flag_beats_environment_beats_yaml(tmp_path, lm_dir):
+    from flamingo_cli.checkpoint import read_config
+
+    base = ["init", "-c", str(ROOT / "stages/init/tiny.yaml"), "--lm", str(lm_dir("gpt2"))]
+    runner = CliRunner()
+    r = runner.invoke(cli, [*base, "-o", str(tmp_path / "yaml")])
+    assert r.exit_code == 0, r.output
+    assert read_config(tmp_path / "yaml").xattn.every == 2
+    r = runner.invoke(cli, [*base, "-o", str(tmp_path / "env")], env={"FLAMINGO_INIT_EVERY": "1"})
+    assert read_config(tmp_path / "env").xattn.every == 1
+    r = runner.invoke(cli, [*base, "--every", "4", "-o", str(tmp_path / "flag")], env={"FLAMINGO_INIT_EVERY": "1"})
+    assert read_config(tmp_path / "flag").xattn.every == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lm", "/nonexistent/lm"], "/nonexistent/lm"),
+    (["-c", "/nonexistent/preset.yaml"], "/nonexistent/preset.yaml"),
+    (["--encoder", "no_such_timm_model"], "no_such_timm_model"),
+])
+def test_runtime_errors_are_one_line_without_traceback(tmp_path, lm_dir, args, message):
+    full = ["init", "--lm", str(lm_dir("gpt2")), "-c", str(ROOT / "stages/init/tiny.yaml"), *args,
+            "-o", str(tmp_path / "ckpt")]
+    r = run(*full)
+    assert r.returncode == 1
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("Error: ") and message in lines[-1]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_man_pages_match_the_help_texts(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "man/generate.py"), str(tmp_path)], check=True)
+    generated = sorted(p.name for p in tmp_path.glob("*.1"))
+    assert generated == sorted(p.name for p in (ROOT / "man").glob("*.1")), "run `make man`"
+    for name in generated:
+        assert (tmp_path / name).read_text() == (ROOT / "man" / name).read_text(), f"{name} is stale: run `make man`"
