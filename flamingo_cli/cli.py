@@ -45,6 +45,14 @@ def cli(debug: bool):
         os.environ["FLAMINGO_DEBUG"] = "1"
 
 
+def _quiet_libraries() -> None:
+    """Progress bars only on a terminal (unix.md §8), transformers' included."""
+    if not sys.stderr.isatty() or os.environ.get("TQDM_DISABLE"):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def _load_yaml_config(path: str | None):
     from .config import FlamingoConfig
 
@@ -85,6 +93,7 @@ def init(config_path, lm, lm_dtype, encoder, encoder_weights, every, placement, 
     from .checkpoint import new_model, save_checkpoint
     from .config import EncoderConfig
 
+    _quiet_libraries()
     config = _load_yaml_config(config_path)
     for value, section, field in [(lm, config.lm, "path"), (lm_dtype, config.lm, "dtype"),
                                   (every, config.xattn, "every"), (placement, config.xattn, "placement"),

@@ -244,3 +244,47 @@ def test_videos_and_images_share_one_sequence(make_model):
     assert visual.shape == (1, 2, 4, model.config.resampler.dim)
     logits = model(ids_for(model, "<image>a photo<|endofchunk|><image>a video"), visual).logits
     assert torch.isfinite(logits).all()
+
+
+def test_lm_held_in_bfloat16_with_fp32_blocks(lm_dir):
+    from conftest import tiny_config
+    from transformers import AutoTokenizer
+
+    from flamingo_cli.model import Flamingo
+
+    path = lm_dir("llama")
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    model = Flamingo(tiny_config(path), lm, AutoTokenizer.from_pretrained(path)).eval()
+    bare = AutoModelForCausalLM.from_pretrained(lm_dir("llama"), dtype=torch.bfloat16).eval()
+    ids = ids_for(model, PROMPT)
+    vocab = bare.get_input_embeddings().num_embeddings
+    with torch.no_grad():
+        logits = model(ids, visual_tokens(1, 3)).logits
+        assert torch.equal(logits[..., :vocab], bare(inputs_embeds=model.lm.get_input_embeddings()(ids)).logits)
+    assert model.xattn["0"].attn_gate.dtype == torch.float32
+
+
+def test_new_token_rows_land_at_their_ids_even_past_a_gap():
+    from torch import nn
+
+    from flamingo_cli.lm import EmbeddingWithNewRows, HeadWithNewRows, NewTokenRows
+
+    base_emb, base_head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+    for first in (10, 12, 7):  # right after the LM's rows, after a gap, inside padding rows
+        rows = NewTokenRows(first_id=first, count=2, dim_in=4, dim_out=4, init_in=torch.randn(1, 4),
+                            init_out=torch.randn(1, 4))
+        with torch.no_grad():
+            rows.input.copy_(torch.randn(2, 4))
+            rows.output.copy_(torch.randn(2, 4))
+        emb, head = EmbeddingWithNewRows(base_emb, rows), HeadWithNewRows(base_head, rows)
+        ids = torch.tensor([[0, 5, first, first + 1]])
+        out = emb(ids)
+        assert torch.equal(out[0, :2], base_emb(ids[0, :2]))
+        assert torch.equal(out[0, 2:], rows.input)
+        h = torch.randn(3, 4)
+        logits = head(h)
+        assert logits.shape[-1] == max(10, first + 2)
+        assert torch.allclose(logits[:, first:first + 2], h @ rows.output.T)
+        assert torch.equal(logits[:, :min(first, 10)], base_head(h)[:, :min(first, 10)])
+        if first > 10:
+            assert (logits[:, 10:first] == torch.finfo(logits.dtype).min).all()
