@@ -10,6 +10,8 @@ reads or writes these files; the model itself never touches the filesystem.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .artifacts import digest_file
 from .config import EncoderConfig, FlamingoConfig, LMConfig
 from .errors import CheckpointError, ConfigError
 from .model import Flamingo
@@ -88,6 +91,23 @@ def load_encoder(config: EncoderConfig, base: Path | None = None) -> VisionEncod
     return VisionEncoder(config, model)
 
 
+def encoder_identity(config: EncoderConfig, base: Path | None = None) -> str:
+    """Names the features an encoder makes: its timm name, options and weights, hashed.
+    Tensor files carry it, so a checkpoint can refuse features from another encoder."""
+    spec = {k: v for k, v in config.__dict__.items() if k != "weights"}
+    h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+    if config.weights:
+        h.update(digest_file(_resolve(config.weights, base)).encode())
+    else:
+        h.update(b"random-init")
+    return f"{config.name}@{h.hexdigest()[:16]}"
+
+
+def checkpoint_identity(directory: str | Path) -> str:
+    """Names the visual tokens a checkpoint's resampler makes: its trainable weights, hashed."""
+    return digest_file(Path(directory) / WEIGHTS_FILE)[:16]
+
+
 def load_lm(config: LMConfig, base: Path | None = None):
     """The frozen LM and its tokenizer, from a local directory (or a hub id when online)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -141,6 +161,7 @@ def load_checkpoint(directory: str | Path, *, with_encoder: bool = True) -> Flam
     config = read_config(directory)
     model = build_model(config, directory, with_encoder=with_encoder)
     model.source_dir = directory
+    model.encoder_id = encoder_identity(config.encoder, directory)
     weights = directory / WEIGHTS_FILE
     state = read_state_file(weights)
     expected = model.trainable_state_dict()
@@ -148,7 +169,15 @@ def load_checkpoint(directory: str | Path, *, with_encoder: bool = True) -> Flam
     with torch.no_grad():
         for name, tensor in expected.items():
             tensor.copy_(state[name])
+    model.checkpoint_id = checkpoint_identity(directory)
     return model
+
+
+def load_checkpoint_encoder(directory: str | Path) -> tuple[VisionEncoder, str]:
+    """Only the frozen encoder of a checkpoint, with its identity: all `flamingo encode` needs."""
+    directory = Path(directory)
+    config = read_config(directory)
+    return load_encoder(config.encoder, directory), encoder_identity(config.encoder, directory)
 
 
 def save_checkpoint(model: Flamingo, directory: str | Path, *, embed_lm: bool = False,

@@ -12,6 +12,7 @@ import traceback
 import click
 
 from . import __version__
+from .artifacts import open_output
 from .errors import FlamingoError
 
 
@@ -109,6 +110,368 @@ def init(config_path, lm, lm_dtype, encoder, encoder_weights, every, placement, 
     n = sum(p.numel() for p in model.trainable_parameters())
     click.echo(f"wrote {out}: {n:,} trainable parameters, xattn before LM layers "
                f"{', '.join(model.xattn.keys())} (untrained)", err=True)
+
+
+
+# -- shared machinery for the stages -----------------------------------------------------
+
+def _load_preset(ctx: click.Context, param, value):
+    """--config NAME|FILE: a YAML mapping of option names, loaded as this command's defaults
+    (so FLAMINGO_<CMD>_<OPT> environment variables and flags still win)."""
+    if value is None:
+        return value
+    import yaml
+
+    from .presets import preset_path
+
+    path = preset_path(ctx.info_name, value)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise click.BadParameter(f"{path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{path}: expected a mapping of option names to values")
+    known = {p.name for p in ctx.command.params}
+    unknown = sorted(k for k in (str(k).replace("-", "_") for k in data) if k not in known)
+    if unknown:
+        raise click.BadParameter(f"{path}: unknown option(s) {', '.join(unknown)}")
+    ctx.default_map = {**(ctx.default_map or {}), **{str(k).replace("-", "_"): v for k, v in data.items()}}
+    return value
+
+
+def stage_options(*, ckpt: bool = True):
+    """Options every stage shares. --config is eager so its values become defaults."""
+    def decorate(f):
+        options = [
+            click.option("-c", "--config", callback=_load_preset, is_eager=True, expose_value=False,
+                         help="Preset NAME (stages/<stage>/NAME.yaml) or YAML FILE of option defaults."),
+            click.option("-o", "--output", default="-", show_default=True,
+                         help="Write records here (atomically); - is stdout."),
+            click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1, ..."),
+            click.option("--seed", type=int, default=0, show_default=True, help="Seed for anything random."),
+            click.option("-q", "--quiet", is_flag=True, help="No progress bars (also TQDM_DISABLE=1)."),
+        ]
+        if ckpt:
+            options.insert(1, click.option("--ckpt", envvar="FLAMINGO_CKPT", type=click.Path(),
+                                           help="Checkpoint directory (also FLAMINGO_CKPT)."))
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return decorate
+
+
+def _single_process(stage: str) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise click.UsageError(f"flamingo {stage} runs as one process; under torchrun, split the input "
+                               "and run one process per part instead")
+
+
+def _setup(seed: int) -> None:
+    import torch
+
+    _quiet_libraries()
+    torch.manual_seed(seed)
+
+
+def _progress(quiet: bool, **kw):
+    from tqdm import tqdm
+
+    disable = True if quiet or os.environ.get("TQDM_DISABLE", "") not in ("", "0") else None
+    return tqdm(file=sys.stderr, disable=disable, dynamic_ncols=True, **kw)
+
+
+def _records(source: str) -> list[dict]:
+    """All records of a file or of stdin ('-'); empty input is an error."""
+    from .artifacts import ArtifactError, read_records, read_records_file
+
+    if source == "-":
+        if sys.stdin.isatty():
+            raise click.UsageError("no input: pipe JSON Lines records in, or name a file (- means stdin)")
+        records = list(read_records(sys.stdin, "<stdin>"))
+        name = "<stdin>"
+    else:
+        records = read_records_file(source)
+        name = source
+    if not records:
+        raise ArtifactError(f"{name}: no records")
+    return records
+
+
+def _checkpoint(ckpt: str | None) -> str:
+    if not ckpt:
+        raise click.UsageError("no checkpoint: pass --ckpt DIR or set FLAMINGO_CKPT "
+                               "(the bundled default model does not exist yet)")
+    return ckpt
+
+
+def _dtype(name: str):
+    import torch
+
+    return None if name == "float32" else getattr(torch, name)
+
+
+def _load_model(ckpt: str, device: str):
+    from .checkpoint import load_checkpoint, load_checkpoint_encoder
+    from .media import MediaResolver
+
+    model = load_checkpoint(ckpt, with_encoder=False).to(device).eval()
+    return model, MediaResolver(model, load_encoder=lambda: load_checkpoint_encoder(ckpt)[0], device=device)
+
+
+dtype_option = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+                            show_default=True, help="Autocast dtype for the frozen parts (bfloat16 is fast on CPUs with AMX).")
+
+
+def shot_options(f):
+    """How `prompt` (and `generate --shots`) build few-shot prompts."""
+    for option in reversed([
+        click.option("--shots", type=click.Path(dir_okay=False), help="Support records (JSON Lines) to draw shots from."),
+        click.option("-k", "k", type=click.IntRange(min=0), default=4, show_default=True,
+                     help="Shots per prompt; 0 = zero-shot with 2 text-only examples."),
+        click.option("--select", type=click.Choice(["random", "rices", "first"]), default="random", show_default=True,
+                     help="Shot selection; rices = most similar by pooled features, most similar last."),
+        click.option("--template", default="captioning", show_default=True,
+                     help="Prompt template NAME (stages/prompt/) or YAML FILE."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _prompt_records(queries: list[dict], shots_file: str, k: int, select: str, seed: int, template_name: str):
+    from .artifacts import read_records_file
+    from .prompting import load_template, make_prompt_record
+
+    template = load_template(template_name)
+    support = read_records_file(shots_file)
+    vectors = _pooled_vectors(queries, support) if select == "rices" else None
+    out = []
+    for i, query in enumerate(queries):
+        kw = {} if vectors is None else {"query_vector": vectors[0][i], "support_vectors": vectors[1]}
+        out.append(make_prompt_record(template, query, support, k=k, method=select, seed=seed, **kw))
+    return out
+
+
+def _pooled_vectors(queries: list[dict], support: list[dict]):
+    """Pooled encoder features for RICES, all from one encoder."""
+    import torch
+
+    from .artifacts import POOLED, ArtifactError, load_ref, make_ref, split_ref
+
+    encoders = set()
+
+    def pooled(record):
+        ref = record.get("features")
+        if not isinstance(ref, str):
+            raise ArtifactError(f"{record.get('id', '<record>')}: --select rices needs a 'features' reference "
+                                "(run flamingo encode)")
+        vector, meta = load_ref(make_ref(split_ref(ref)[0], POOLED))
+        encoders.add(meta.get("encoder"))
+        if len(encoders) > 1:
+            raise ArtifactError(f"{ref}: features come from different encoders ({', '.join(map(str, encoders))})")
+        return vector.float()
+
+    return torch.stack([pooled(r) for r in queries]), torch.stack([pooled(r) for r in support])
+
+
+# -- stages ------------------------------------------------------------------------------
+
+@cli.command(short_help="Encode images into feature references.")
+@click.argument("inputs", nargs=-1, type=click.Path())
+@stage_options()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Directory for feature files (default: the content-addressed cache, $FLAMINGO_CACHE).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True,
+              help="DataLoader processes that decode and resize images while the encoder runs.")
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable images (counted on stderr) instead of failing.")
+@dtype_option
+def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, workers, skip_bad, dtype):
+    """Encode images with the checkpoint's frozen vision encoder.
+
+    INPUTS are image files, directories (searched recursively, in sorted order) or -
+    for JSON Lines records with an `image` field on stdin; with no INPUTS, records are
+    read from stdin. Each output record passes its input fields through and adds
+    `features` (PATH.safetensors#features, shaped frames x tokens x dim) and `encoder`.
+    Features are cached by image content and encoder, so re-encoding is free.
+    Records are written as each batch finishes. Runs as a single process.
+    """
+    from pathlib import Path
+
+    from .artifacts import cache_dir, write_records
+    from .checkpoint import load_checkpoint_encoder
+    from .encoding import encode_records
+    from .media import find_images
+
+    _single_process("encode")
+    _setup(seed)
+    records = []
+    for item in inputs or ("-",):
+        if item == "-":
+            records += _records("-")
+        elif Path(item).is_dir():
+            records += [{"id": str(p), "image": str(p)} for p in find_images(Path(item))]
+        else:
+            records.append({"id": item, "image": item})
+    if not records:
+        raise click.UsageError(f"no images found in {' '.join(inputs)}")
+    encoder, identity = load_checkpoint_encoder(_checkpoint(ckpt))
+    encoder = encoder.to(device)
+    skipped = []
+    root = Path(out_dir) if out_dir else cache_dir()
+    with _progress(quiet, total=len(records), unit="img", desc="encode") as bar, open_output(output) as out:
+        for batch in encode_records(encoder, identity, records, root=root, batch_size=batch_size, workers=workers,
+                                    skip_bad=skip_bad, device=device, dtype=_dtype(dtype), on_skip=skipped.append):
+            write_records(out, batch)
+            bar.update(len(batch))
+    if skipped:
+        click.echo(f"flamingo encode: skipped {len(skipped)} unreadable file(s); first: {skipped[0]}", err=True)
+
+
+@cli.command(short_help="Turn feature records into visual-token records.")
+@click.argument("input", default="-", type=click.Path(allow_dash=True))
+@stage_options()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Directory for visual-token files (default: the cache).")
+def resample(input, ckpt, output, device, seed, quiet, out_dir):
+    """Run the checkpoint's Perceiver Resampler over feature records.
+
+    Adds `visual` (PATH.safetensors#visual, latents x dim) to each record with a
+    `features` reference. Resample a support set once, and every prompt that uses
+    it skips that work. Visual tokens are tied to the checkpoint that made them.
+    Runs as a single process.
+    """
+    from pathlib import Path
+
+    from .artifacts import cache_dir, write_records
+    from .encoding import resample_records
+    from .generation import batches
+
+    _single_process("resample")
+    _setup(seed)
+    records = _records(input)
+    model, _ = _load_model(_checkpoint(ckpt), device)
+    root = Path(out_dir) if out_dir else cache_dir()
+    with _progress(quiet, total=len(records), unit="rec", desc="resample") as bar, open_output(output) as out:
+        for batch in batches(records, 64):
+            write_records(out, resample_records(model, batch, root=root, device=device))
+            bar.update(len(batch))
+
+
+@cli.command(short_help="Build few-shot prompts from queries and a support set.")
+@click.argument("input", default="-", type=click.Path(allow_dash=True))
+@stage_options(ckpt=False)
+@shot_options
+def prompt(input, output, device, seed, quiet, shots, k, select, template):
+    """Build interleaved few-shot prompts.
+
+    Reads query records and adds `prompt` (text with <image> markers and
+    <|endofchunk|>), `media` (one entry per <image>, in order), `shots` (the ids of
+    the demonstrations, in prompt order) and `template`. Shots depend only on --seed
+    and the query id. Runs as a single process.
+    """
+    from .artifacts import write_records
+
+    _single_process("prompt")
+    if not shots:
+        raise click.UsageError("--shots FILE is required")
+    records = _records(input)
+    with open_output(output) as out:
+        write_records(out, _prompt_records(records, shots, k, select, seed, template))
+
+
+@cli.command(short_help="Generate answers for prompt records.")
+@click.argument("input", default="-", type=click.Path(allow_dash=True))
+@stage_options()
+@shot_options
+@click.option("--num-beams", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--length-penalty", type=float, default=1.0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@dtype_option
+def generate(input, ckpt, output, device, seed, quiet, shots, k, select, template, num_beams,
+             max_new_tokens, length_penalty, batch_size, dtype):
+    """Generate open-ended answers: beam search, stopping at <|endofchunk|>.
+
+    Reads prompt records (from flamingo prompt) and adds `output`. With --shots, it
+    reads query records instead (e.g. from flamingo encode) and builds the prompts
+    itself, exactly as flamingo prompt does. Runs as a single process.
+    """
+    from .artifacts import write_records
+    from .generation import batches, generate_records
+
+    _single_process("generate")
+    _setup(seed)
+    records = _records(input)
+    if shots:
+        records = _prompt_records(records, shots, k, select, seed, template)
+    model, media = _load_model(_checkpoint(ckpt), device)
+    with _progress(quiet, total=len(records), unit="rec", desc="generate") as bar, open_output(output) as out:
+        for batch in batches(records, batch_size):
+            write_records(out, generate_records(model, batch, media, num_beams=num_beams,
+                                                max_new_tokens=max_new_tokens, length_penalty=length_penalty,
+                                                device=device, dtype=_dtype(dtype)))
+            bar.update(len(batch))
+
+
+@cli.command(short_help="Rank candidate answers by likelihood.")
+@click.argument("input", default="-", type=click.Path(allow_dash=True))
+@stage_options()
+@click.option("--candidates", "candidates_file", type=click.Path(dir_okay=False),
+              help="File with one candidate per line (else each record's `candidates`, else the template's).")
+@click.option("--normalize", type=click.Choice(["sum", "mean"]), default="sum", show_default=True,
+              help="Total log-likelihood, or per token.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Candidates per batched forward.")
+@dtype_option
+def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, batch_size, dtype):
+    """Score close-ended candidates for prompt records.
+
+    Adds `scores` {candidate: log-likelihood of " candidate<|endofchunk|>" after the
+    prompt} and `prediction` (the best). Each prompt runs once; all its candidates
+    are scored against the cached prefix in batched forwards. Runs as a single process.
+    """
+    import torch
+
+    from .artifacts import ArtifactError, write_records
+    from .generation import check_prompt_record
+    from .media import pad_media
+    from .prompting import load_template
+    from .scoring import score_candidates
+
+    _single_process("score")
+    _setup(seed)
+    fixed = None
+    if candidates_file:
+        try:
+            fixed = [line.strip() for line in open(candidates_file, encoding="utf-8") if line.strip()]
+        except OSError as e:
+            raise ArtifactError(f"{candidates_file}: {e.strerror}") from None
+        if not fixed:
+            raise ArtifactError(f"{candidates_file}: no candidates")
+    records = _records(input)
+    model, media = _load_model(_checkpoint(ckpt), device)
+    templates = {}
+    with _progress(quiet, total=len(records), unit="rec", desc="score") as bar, open_output(output) as out:
+        for record in records:
+            text, entries = check_prompt_record(record)
+            name = record.get("template")
+            if name and name not in templates:
+                templates[name] = load_template(name)
+            template = templates.get(name)
+            candidates = fixed or record.get("candidates") or (template.candidates if template else None)
+            if not candidates:
+                raise ArtifactError(f"{record.get('id', '<record>')}: no candidates (use --candidates FILE "
+                                    "or a 'candidates' field)")
+            ids = model.tokenizer(text, return_tensors="pt").input_ids.to(device)
+            visual = pad_media([torch.stack([media.visual(e) for e in entries])]) if entries else None
+            kw = {"continuation": template.continuation} if template else {}
+            with torch.autocast(device_type=torch.device(device).type, dtype=_dtype(dtype),
+                                enabled=_dtype(dtype) is not None):
+                values = score_candidates(model, ids, visual, list(candidates), normalize=normalize,
+                                          batch_size=batch_size, **kw)
+            scores = dict(zip(candidates, values))
+            write_records(out, [{**record, "scores": scores, "prediction": max(scores, key=scores.get)}])
+            bar.update(1)
 
 
 def main() -> None:

@@ -1,0 +1,203 @@
+"""The artifact contract: JSON Lines records and safetensors tensor references.
+
+This module is the only one that knows how records and tensors are laid out on disk
+(man/flamingo-artifacts.5 documents the same, for users).
+
+Records: one JSON object per line, UTF-8, "\\n" after every line. Stages pass through
+every field they do not own.
+
+Tensors: safetensors files, referenced from records as "PATH#KEY". Each file's
+metadata names what made it (`encoder`, and for visual tokens the `checkpoint`), so a
+reference carries the identity of the encoder and a model refuses foreign features.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import FlamingoError
+
+FORMAT = "flamingo/1"
+FEATURES, POOLED, VISUAL = "features", "pooled", "visual"
+
+
+class ArtifactError(FlamingoError):
+    pass
+
+
+# -- records ----------------------------------------------------------------------------
+
+def read_records(stream: IO[str], source: str) -> Iterator[dict[str, Any]]:
+    """Records from a JSON Lines stream. Blank lines are skipped; a malformed line is an
+    error naming `source` and the line number."""
+    for lineno, line in enumerate(stream, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ArtifactError(f"{source}: line {lineno}: malformed JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise ArtifactError(f"{source}: line {lineno}: expected a JSON object, got {type(record).__name__}")
+        yield record
+
+
+def read_records_file(path: str | Path) -> list[dict[str, Any]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return list(read_records(f, str(path)))
+    except OSError as e:
+        raise ArtifactError(f"{path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{path}: not UTF-8 text") from None
+
+
+def format_record(record: dict[str, Any]) -> str:
+    return json.dumps(record, ensure_ascii=False, separators=(", ", ": ")) + "\n"
+
+
+def write_records(stream: IO[str], records: Iterable[dict[str, Any]]) -> None:
+    """Write and flush, so a downstream `head -1` sees the first records as soon as they exist."""
+    stream.write("".join(format_record(r) for r in records))
+    stream.flush()
+
+
+@contextlib.contextmanager
+def open_output(path: str | None):
+    """stdout for None or '-'; otherwise a temp file beside `path`, renamed into place only
+    when the block completes, so an interrupted run never leaves a partial file."""
+    if path in (None, "-"):
+        yield sys.stdout
+        return
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent if str(target.parent) else ".")
+    try:
+        with io.open(fd, "w", encoding="utf-8", newline="\n") as f:
+            yield f
+        _chmod_default(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _chmod_default(path: str | Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+# -- tensors ----------------------------------------------------------------------------
+
+def make_ref(path: str | Path, key: str) -> str:
+    return f"{path}#{key}"
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    path, sep, key = str(ref).rpartition("#")
+    if not sep or not path or not key:
+        raise ArtifactError(f"{ref}: not a tensor reference (expected PATH.safetensors#KEY)")
+    return path, key
+
+
+def is_ref(value: Any) -> bool:
+    return isinstance(value, str) and ".safetensors#" in value
+
+
+def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str]) -> Path:
+    """Write a safetensors file atomically (temp file, then rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                  metadata={"format": FORMAT, **metadata})
+        _chmod_default(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: no such file") from None
+    except Exception as e:
+        raise ArtifactError(f"{path}: not a readable safetensors file ({_short(e)})") from None
+
+
+def load_ref(ref: str, *, encoder: str | None = None, checkpoint: str | None = None):
+    """The tensor a reference points to. With `encoder` (and `checkpoint`), refuse tensors
+    whose file says they were made by a different encoder (or model)."""
+    from safetensors import safe_open
+
+    path, key = split_ref(ref)
+    meta = read_metadata(path)
+    if encoder is not None and meta.get("encoder") != encoder:
+        raise ArtifactError(
+            f"{ref}: made by encoder {meta.get('encoder', 'unknown')}, but this checkpoint's encoder is {encoder}")
+    if checkpoint is not None and meta.get("checkpoint") not in (None, checkpoint):
+        raise ArtifactError(
+            f"{ref}: visual tokens from checkpoint {meta['checkpoint']}, not from this one ({checkpoint}); "
+            "resample the features again")
+    try:
+        with safe_open(path, framework="pt") as f:
+            if key not in f.keys():
+                raise ArtifactError(f"{ref}: no tensor {key!r} in {path} (has {', '.join(f.keys())})")
+            return f.get_tensor(key), meta
+    except ArtifactError:
+        raise
+    except Exception as e:
+        raise ArtifactError(f"{path}: not a readable safetensors file ({_short(e)})") from None
+
+
+def _short(e: Exception) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text[:200]
+
+
+# -- identities and the cache -----------------------------------------------------------
+
+def digest_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def digest_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def cache_dir() -> Path:
+    """Where encoded features go by default: $FLAMINGO_CACHE, else $XDG_CACHE_HOME/flamingo, else ~/.cache/flamingo."""
+    if os.environ.get("FLAMINGO_CACHE"):
+        return Path(os.environ["FLAMINGO_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "flamingo"
+
+
+def tensor_path(root: Path, content: str, identity: str) -> Path:
+    """Content-addressed: the same media under the same encoder (or model) maps to the same file."""
+    key = digest_bytes(f"{content}\0{identity}".encode())
+    return root / key[:2] / f"{key}.safetensors"

@@ -1,0 +1,80 @@
+"""The `encode` and `resample` stages as library functions: media -> tensor files -> records.
+
+Feature files are content-addressed (media bytes + encoder identity; features +
+checkpoint identity for visual tokens), so encoding the same image twice is free.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from .artifacts import FEATURES, POOLED, VISUAL, ArtifactError, digest_file, load_ref, make_ref, save_tensors, \
+    split_ref, tensor_path
+
+
+def _media_path(record: dict) -> str:
+    if "video" in record and "image" not in record:
+        raise ArtifactError(f"{record.get('video')}: video decoding is not supported yet "
+                            "(the features format already has a frames axis)")
+    if not isinstance(record.get("image"), str):
+        raise ArtifactError(f"{record.get('id', '<record>')}: no image path (expected an 'image' field)")
+    return record["image"]
+
+
+def encode_records(encoder, identity: str, records: list[dict], *, root: Path, batch_size: int = 16,
+                   workers: int = 1, skip_bad: bool = False, device: str = "cpu", dtype: torch.dtype | None = None,
+                   on_skip: Callable[[str], None] | None = None) -> Iterator[list[dict]]:
+    """Encode each record's `image`; yield the records of each batch, in input order, with
+    `features` (a reference to (frames, tokens, d) features) and `encoder` added."""
+    from .media import ImageFiles
+
+    paths = [_media_path(r) for r in records]
+    target = lambda digest: tensor_path(root, digest, identity)  # noqa: E731
+    dataset = ImageFiles(paths, encoder.transform(), lambda digest: target(digest).exists())
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
+    for batch in loader:
+        fresh = [item for item in batch if item.get("pixels") is not None]
+        if fresh:
+            pixels = torch.stack([item["pixels"] for item in fresh]).to(device)
+            with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+                features = encoder(pixels).float()  # (b, frames, tokens, d)
+            for item, f in zip(fresh, features):
+                save_tensors(target(item["digest"]), {FEATURES: f, POOLED: f.mean(dim=(0, 1))},
+                             {"encoder": identity, "source": str(paths[item["index"]]), "frames": str(f.shape[0])})
+        out = []
+        for item in batch:
+            if "error" in item:
+                if not skip_bad:
+                    raise ArtifactError(item["error"])
+                if on_skip:
+                    on_skip(item["error"])
+                continue
+            ref = make_ref(target(item["digest"]), FEATURES)
+            out.append({**records[item["index"]], "features": ref, "encoder": identity})
+        yield out
+
+
+def resample_records(model, records: list[dict], *, root: Path, device: str = "cpu") -> list[dict]:
+    """Feature records -> the same records with `visual`, a reference to (latents, d) visual
+    tokens of this checkpoint, stored content-addressed by features and checkpoint."""
+    out = []
+    for record in records:
+        ref = record.get("features")
+        if not isinstance(ref, str):
+            raise ArtifactError(f"{record.get('id', '<record>')}: no 'features' reference (run flamingo encode first)")
+        features, meta = load_ref(ref, encoder=model.encoder_id)
+        if features.ndim != 3 or features.shape[-1] != model.config.resampler.dim:
+            raise ArtifactError(f"{ref}: features must be (frames, tokens, {model.config.resampler.dim}), "
+                                f"got {tuple(features.shape)}")
+        content = digest_file(split_ref(ref)[0])
+        path = tensor_path(root, f"{content}#{split_ref(ref)[1]}", model.checkpoint_id)
+        if not path.exists():
+            with torch.no_grad():
+                visual = model.resample(features.unsqueeze(0).to(device))[0]
+            save_tensors(path, {VISUAL: visual.float()},
+                         {"encoder": model.encoder_id, "checkpoint": model.checkpoint_id,
+                          "source": meta.get("source", ref)})
+        out.append({**record, "visual": make_ref(path, VISUAL)})
+    return out

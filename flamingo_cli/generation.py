@@ -1,0 +1,50 @@
+"""The `generate` stage as a library function: prompt records in, records with `output` out."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from .artifacts import ArtifactError
+from .config import IMAGE_TOKEN
+from .media import MediaResolver, pad_media
+
+
+def check_prompt_record(record: dict) -> tuple[str, list[str]]:
+    """A prompt record's text and media, with as many media entries as <image> markers."""
+    rid = record.get("id", "<record>")
+    prompt, media = record.get("prompt"), record.get("media", [])
+    if not isinstance(prompt, str):
+        raise ArtifactError(f"{rid}: no 'prompt' text (build prompts with flamingo prompt, or pass --shots)")
+    if not isinstance(media, list) or not all(isinstance(m, str) for m in media):
+        raise ArtifactError(f"{rid}: 'media' must be a list of references or image paths")
+    if prompt.count(IMAGE_TOKEN) != len(media):
+        raise ArtifactError(f"{rid}: prompt has {prompt.count(IMAGE_TOKEN)} {IMAGE_TOKEN} marker(s) "
+                            f"but media lists {len(media)}")
+    return prompt, media
+
+
+def generate_records(model, records: list[dict], media: MediaResolver, *, num_beams: int = 3,
+                     max_new_tokens: int = 20, length_penalty: float = 1.0, device: str = "cpu",
+                     dtype: torch.dtype | None = None) -> list[dict]:
+    """One batch: left-padded prompts, each with its own media, decoded together."""
+    tokenizer = model.tokenizer
+    texts, visuals = [], []
+    for record in records:
+        prompt, entries = check_prompt_record(record)
+        texts.append(prompt)
+        visuals.append(torch.stack([media.visual(e) for e in entries]) if entries else
+                       torch.zeros(0, model.config.resampler.num_latents, model.config.resampler.dim))
+    tokenizer.padding_side = "left"
+    batch = tokenizer(texts, return_tensors="pt", padding=True).to(device)
+    visual = pad_media([v.to(device) for v in visuals])
+    with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+        new = model.generate(batch.input_ids, visual, attention_mask=batch.attention_mask, num_beams=num_beams,
+                             max_new_tokens=max_new_tokens, length_penalty=length_penalty)
+    outputs = tokenizer.batch_decode(new, skip_special_tokens=True)
+    return [{**record, "output": text.strip()} for record, text in zip(records, outputs)]
+
+
+def batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

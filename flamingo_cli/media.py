@@ -1,0 +1,125 @@
+"""Media in, tensors out: decoding images, and resolving a prompt's media entries to visual tokens.
+
+A media entry is a visual-token reference, a feature reference or an image path
+(see artifacts.py). Resolved visual tokens are memoised per entry, so a support
+image shared by many prompts is loaded and resampled once.
+"""
+from __future__ import annotations
+
+import io
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from .artifacts import VISUAL, ArtifactError, digest_bytes, is_ref, load_ref, split_ref
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def read_image(path: str | Path, data: bytes | None = None):
+    """An RGB PIL image; any failure is one ArtifactError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = Path(path).read_bytes() if data is None else data
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ArtifactError(f"{path}: {e.strerror}") from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ArtifactError(f"{path}: cannot decode image ({str(e).splitlines()[0][:120] or type(e).__name__})") from None
+
+
+def find_images(directory: Path) -> list[Path]:
+    """Image files below a directory, recursively, in sorted order."""
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Reads, hashes, decodes and preprocesses images in DataLoader workers, so decoding
+    overlaps the encoder. A file already in the cache is hashed but not decoded."""
+
+    def __init__(self, paths: list[str], transform, is_cached):
+        self.paths, self.transform, self.is_cached = paths, transform, is_cached
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        path = self.paths[i]
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            return {"index": i, "error": f"{path}: {e.strerror or 'cannot read'}"}
+        digest = digest_bytes(data)
+        if self.is_cached(digest):
+            return {"index": i, "digest": digest, "pixels": None}
+        try:
+            pixels = self.transform(read_image(path, data))
+        except ArtifactError as e:
+            return {"index": i, "error": str(e)}
+        return {"index": i, "digest": digest, "pixels": pixels}
+
+
+def pad_media(visuals: list[torch.Tensor]) -> torch.Tensor | None:
+    """Per-sequence visual tokens [(m_i, l, d)] -> (b, max m_i, l, d), zero padded.
+    Padding is never attended: a token's image index never exceeds its own sequence's count."""
+    most = max(v.shape[0] for v in visuals)
+    if most == 0:
+        return None
+    l, d = next(v.shape[1:] for v in visuals if v.shape[0])
+    out = visuals[0].new_zeros(len(visuals), most, l, d)
+    for i, v in enumerate(visuals):
+        out[i, : v.shape[0]] = v
+    return out
+
+
+class MediaResolver:
+    """Turns media entries into a model's visual tokens (l, d), checking identities."""
+
+    def __init__(self, model, *, load_encoder=None, device: str = "cpu", memo: int = 1024):
+        self.model = model
+        self.load_encoder = load_encoder
+        self.device = device
+        self.memo: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.memo_size = memo
+        self._encoder = model.encoder
+
+    def _encode(self, path: str) -> torch.Tensor:
+        if self._encoder is None:
+            if self.load_encoder is None:
+                raise ArtifactError(f"{path}: an image path needs the vision encoder, which is not loaded")
+            self._encoder = self.load_encoder().to(self.device)
+        pixels = self._encoder.transform()(read_image(path)).unsqueeze(0).to(self.device)
+        return self._encoder(pixels)[0]  # (f, n, d)
+
+    def visual(self, entry: str) -> torch.Tensor:
+        if entry in self.memo:
+            self.memo.move_to_end(entry)
+            return self.memo[entry]
+        model = self.model
+        if is_ref(entry) and split_ref(entry)[1] == VISUAL:
+            tokens, _ = load_ref(entry, encoder=model.encoder_id, checkpoint=model.checkpoint_id)
+            tokens = tokens.to(self.device)
+        else:
+            if is_ref(entry):
+                features, _ = load_ref(entry, encoder=model.encoder_id)
+                features = features.to(self.device)
+            else:
+                features = self._encode(entry)
+            if features.ndim != 3 or features.shape[-1] != model.config.resampler.dim:
+                raise ArtifactError(f"{entry}: features must be (frames, tokens, {model.config.resampler.dim}), "
+                                    f"got {tuple(features.shape)}")
+            with torch.no_grad():
+                tokens = model.resample(features.unsqueeze(0))[0]
+        expected = (model.config.resampler.num_latents, model.config.resampler.dim)
+        if tuple(tokens.shape) != expected:
+            raise ArtifactError(f"{entry}: visual tokens must be {expected}, got {tuple(tokens.shape)}")
+        self.memo[entry] = tokens
+        if len(self.memo) > self.memo_size:
+            self.memo.popitem(last=False)
+        return tokens
