@@ -30,6 +30,11 @@ class FlamingoGroup(click.Group):
             if _debug():
                 traceback.print_exc()
             raise click.ClickException(str(e)) from None
+        except BrokenPipeError:
+            # `flamingo ... | head -1`: the reader has what it wanted; that is success, and silence.
+            # Handled here because click's own main turns EPIPE into exit 1.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise click.exceptions.Exit(0) from None
 
 
 @click.group(cls=FlamingoGroup, context_settings={"help_option_names": ["-h", "--help"],
@@ -476,11 +481,14 @@ def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, 
 
 def main() -> None:
     """Entry point: click in non-standalone mode, so a closed pipe can end quietly with 0."""
+    # Stages of one pipe share the cores. OpenMP's default of spinning while it waits makes
+    # a busy neighbour slow every small op by ~50x; sleeping threads cost almost nothing.
+    # Set before torch loads; the user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         code = cli.main(prog_name="flamingo", standalone_mode=False)
         sys.stdout.flush()
-    except BrokenPipeError:
-        # `flamingo ... | head -1`: the reader has what it wanted; that is success, and silence.
+    except BrokenPipeError:  # raised by the final flush
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 0
     except click.ClickException as e:

@@ -1,0 +1,284 @@
+"""The stages as a user runs them: real processes, real pipes, on a tiny random checkpoint."""
+import json
+import os
+import pty
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from flamingo_cli.artifacts import save_tensors
+
+BIN = Path(sys.executable).parent
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, lm_dir):
+    """A working directory with images, a support set and a self-contained tiny checkpoint."""
+    from flamingo_cli.checkpoint import new_model, save_checkpoint
+    from flamingo_cli.config import FlamingoConfig
+
+    root = tmp_path_factory.mktemp("world")
+    config = FlamingoConfig.from_yaml((Path(__file__).parent.parent / "stages/init/tiny.yaml").read_text())
+    config.lm.path = str(lm_dir("llama"))
+    model = new_model(config, seed=0)
+    with torch.no_grad():
+        for block in model.xattn.values():  # non-zero gates, so images change the answers
+            block.attn_gate.fill_(0.5)
+    save_checkpoint(model, root / "ckpt", embed_lm=True, embed_encoder=True)
+    for sub in ("imgs", "data", "support"):
+        (root / sub).mkdir()
+    for i, colour in enumerate(COLOURS):
+        Image.new("RGB", (48 + 8 * i, 40), colour).save(root / "imgs" / f"{i}-{colour}.png")
+        Image.new("RGB", (40, 48 + 8 * i), colour).save(root / "data" / f"{colour}.jpg")
+        Image.new("RGB", (56, 56), colour).save(root / "support" / f"{colour}.png")
+    (root / "classes.txt").write_text("red\ngreen\nblue\n")
+    support = [{"id": f"s-{c}", "image": f"support/{c}.png", "caption": f"a {c} square",
+                "question": "What colour is it?", "answer": c} for c in COLOURS]
+    (root / "support.jsonl").write_text("".join(json.dumps(r) + "\n" for r in support))
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "FLAMINGO_CKPT": str(root / "ckpt"),
+           "FLAMINGO_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1",
+           # Stages in a pipe run side by side on few cores: one thread each avoids OpenMP spinning.
+           "OMP_NUM_THREADS": "1"}
+    env.pop("TQDM_DISABLE", None)
+    sh("flamingo encode - < support.jsonl > shots.jsonl", root, env, check=True)
+    return root, env
+
+
+def sh(command, cwd, env, check=False, **kw):
+    r = subprocess.run(["bash", "-c", f"set -euo pipefail; {command}"], cwd=cwd, env=env, capture_output=True,
+                       text=True, **kw)
+    if check:
+        assert r.returncode == 0, f"{command}\n{r.stderr}"
+    return r
+
+
+def records(text):
+    assert text.endswith("\n") and "\n\n" not in text
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_the_five_pipelines_run_as_written(world):
+    root, env = world
+    r = sh("flamingo encode imgs/ | flamingo generate --shots shots.jsonl", root, env, check=True)
+    out = records(r.stdout)
+    assert [o["id"] for o in out] == [f"imgs/{i}-{c}.png" for i, c in enumerate(COLOURS)]
+    assert all(isinstance(o["output"], str) and o["prompt"].count("<image>") == 5 for o in out)
+    assert r.stderr == ""
+
+    sh("flamingo encode --out feats/ data/*.jpg > feats.jsonl", root, env, check=True)
+    feats = records((root / "feats.jsonl").read_text())
+    assert all(o["features"].startswith("feats/") or "/feats/" in o["features"] for o in feats)
+    # The VQA template needs a question: a jq-style filter between stages adds it.
+    vqa = [{**o, "question": "What colour is it?"} for o in feats]
+    (root / "feats.jsonl").write_text("".join(json.dumps(o) + "\n" for o in vqa))
+
+    sh("flamingo prompt --shots shots.jsonl -k 4 --template vqa < feats.jsonl > prompts.jsonl", root, env, check=True)
+    prompts = records((root / "prompts.jsonl").read_text())
+    assert all(len(p["shots"]) == 4 and len(p["media"]) == 5 and p["template"] == "vqa" for p in prompts)
+    assert prompts[0]["prompt"].endswith("<image>Question: What colour is it? Answer:")
+
+    sh("flamingo generate --ckpt ckpt/ < prompts.jsonl > answers.jsonl", root, env, check=True)
+    answers = records((root / "answers.jsonl").read_text())
+    assert [a["id"] for a in answers] == [p["id"] for p in prompts]
+    assert all(set(p) < set(a) and a["question"] == "What colour is it?" for p, a in zip(prompts, answers))
+
+    sh("flamingo score --ckpt ckpt/ --candidates classes.txt < prompts.jsonl > ranked.jsonl", root, env, check=True)
+    ranked = records((root / "ranked.jsonl").read_text())
+    for r in ranked:
+        assert list(r["scores"]) == ["red", "green", "blue"]
+        assert r["prediction"] == max(r["scores"], key=r["scores"].get)
+        assert all(v < 0 for v in r["scores"].values())
+
+
+def test_head_1_gets_one_record_and_a_quiet_exit_0(world):
+    root, env = world
+    r = sh("flamingo encode --batch-size 2 imgs/ | head -1", root, env)
+    assert r.returncode == 0 and r.stderr == ""
+    assert len(records(r.stdout)) == 1
+    r = sh("flamingo encode --batch-size 1 imgs/ imgs/ imgs/ | flamingo resample | head -1", root, env)
+    assert r.returncode == 0 and r.stderr == "" and "visual" in records(r.stdout)[0]
+
+
+def test_encoding_is_cached_by_content_and_leaves_the_working_directory_clean(world, tmp_path):
+    root, env = world
+    shutil.copy(root / "imgs" / "0-red.png", tmp_path / "copy-of-red.png")
+    first = records(sh(f"flamingo encode imgs/0-red.png {tmp_path}/copy-of-red.png", root, env, check=True).stdout)
+    assert first[0]["features"] == first[1]["features"], "same bytes, same encoder -> same file"
+    cache = sorted((root / "cache").rglob("*.safetensors"))
+    before = {p: p.stat().st_mtime_ns for p in cache}
+    again = records(sh("flamingo encode imgs/0-red.png", root, env, check=True).stdout)
+    assert again[0]["features"] == first[0]["features"]
+    assert {p: p.stat().st_mtime_ns for p in sorted((root / "cache").rglob("*.safetensors"))} == before
+    assert not list(tmp_path.glob("*.safetensors")) and not list(root.glob("*.safetensors"))
+
+
+def test_resampled_support_is_reused_and_equals_resampling_on_the_fly(world):
+    root, env = world
+    sh("flamingo resample < shots.jsonl > shots.visual.jsonl", root, env, check=True)
+    resampled = records((root / "shots.visual.jsonl").read_text())
+    assert all(r["visual"].endswith("#visual") and r["caption"] for r in resampled)
+    a = sh("flamingo encode imgs/ | flamingo generate --shots shots.jsonl --select first -k 2", root, env, check=True)
+    b = sh("flamingo encode imgs/ | flamingo generate --shots shots.visual.jsonl --select first -k 2", root, env,
+           check=True)
+    outputs = lambda text: [r["output"] for r in records(text)]  # noqa: E731
+    assert outputs(a.stdout) == outputs(b.stdout)
+    assert all(m.endswith("#visual") for m in records(b.stdout)[0]["media"][:2])
+
+
+def test_same_seed_gives_byte_identical_stdout(world):
+    root, env = world
+    cmd = "flamingo encode imgs/ | flamingo generate --shots shots.jsonl -k 3 --select random --seed {}"
+    a, b, c = (sh(cmd.format(s), root, env, check=True).stdout for s in (7, 7, 8))
+    assert a == b
+    assert [r["shots"] for r in records(a)] != [r["shots"] for r in records(c)]
+
+
+def test_rices_puts_the_most_similar_shot_last(world):
+    root, env = world
+    r = sh("flamingo encode data/red.jpg | flamingo prompt --shots shots.jsonl -k 3 --select rices", root, env,
+           check=True)
+    assert records(r.stdout)[0]["shots"][-1] == "s-red"
+
+
+def test_score_uses_record_candidates_and_template_candidates(world):
+    root, env = world
+    meme = {"id": "m1", "image": "imgs/0-red.png", "text": "hello", "candidates": ["yes", "no", "maybe"]}
+    (root / "memes.jsonl").write_text(json.dumps(meme) + "\n")
+    shots = [{"id": f"h{i}", "image": f"support/{c}.png", "text": "hi", "label": "no"} for i, c in enumerate(COLOURS)]
+    (root / "hm-shots.jsonl").write_text("".join(json.dumps(s) + "\n" for s in shots))
+    r = sh("flamingo prompt --shots hm-shots.jsonl -k 2 --template hatefulmemes < memes.jsonl"
+           " | flamingo score", root, env, check=True)
+    assert list(records(r.stdout)[0]["scores"]) == ["yes", "no", "maybe"]
+    r = sh("flamingo prompt --shots hm-shots.jsonl -k 2 --template hatefulmemes < memes.jsonl"
+           " | python -c \"import sys, json; [print(json.dumps({k: v for k, v in json.loads(l).items()"
+           " if k != 'candidates'})) for l in sys.stdin]\" | flamingo score", root, env, check=True)
+    assert list(records(r.stdout)[0]["scores"]) == ["yes", "no"]
+
+
+def test_output_file_is_atomic(world):
+    root, env = world
+    (root / "half").mkdir(exist_ok=True)
+    shutil.copy(root / "imgs" / "0-red.png", root / "half" / "a.png")
+    (root / "half" / "b.png").write_bytes(b"not an image")
+    r = sh("flamingo encode --batch-size 1 -o half.jsonl half/", root, env)
+    assert r.returncode == 1 and "half/b.png: cannot decode image" in r.stderr
+    assert not (root / "half.jsonl").exists() and not list(root.glob(".half.jsonl*"))
+    # On stdout, the records of finished batches stay whole and valid.
+    r = sh("flamingo encode --batch-size 1 half/", root, env)
+    assert r.returncode == 1 and [o["id"] for o in records(r.stdout)] == ["half/a.png"]
+    r = sh("flamingo encode --batch-size 1 --skip-bad -o half.jsonl half/", root, env, check=True)
+    assert [o["id"] for o in records((root / "half.jsonl").read_text())] == ["half/a.png"]
+    assert "skipped 1 unreadable file(s)" in r.stderr
+
+
+def _bad_inputs(root):
+    """(name, shell command, text the one-line error must contain)."""
+    good = records((root / "shots.jsonl").read_text())[0]["features"]
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    trunc = root / "trunc.safetensors"
+    trunc.write_bytes(Path(good.split("#")[0]).read_bytes()[:100])
+    encoder = json.loads((root / "shots.jsonl").read_text().splitlines()[0])["encoder"]
+    save_tensors(root / "narrow.safetensors", {"features": torch.zeros(1, 4, 7)}, {"encoder": encoder})
+    save_tensors(root / "foreign.safetensors", {"features": torch.zeros(1, 4, 64)}, {"encoder": "resnet50@0123"})
+    (root / "no-config").mkdir(exist_ok=True)
+
+    def prompt(media, text="<image>Output:"):
+        return json.dumps({"id": "q1", "prompt": text, "media": media}).replace('"', '\\"')
+
+    return [
+        ("missing image", "flamingo encode imgs/nope.png", "imgs/nope.png: No such file or directory"),
+        ("corrupt image", "flamingo encode corrupt.png", "corrupt.png: cannot decode image"),
+        ("truncated safetensors", f'echo "{prompt([f"{trunc}#features"])}" | flamingo generate',
+         "trunc.safetensors: not a readable safetensors file"),
+        ("wrong feature dim", f'echo "{prompt([f"{root}/narrow.safetensors#features"])}" | flamingo generate',
+         "narrow.safetensors#features: features must be (frames, tokens, 64), got (1, 4, 7)"),
+        ("encoder mismatch", f'echo "{prompt([f"{root}/foreign.safetensors#features"])}" | flamingo generate',
+         "foreign.safetensors#features: made by encoder resnet50@0123, but this checkpoint's encoder is"),
+        ("malformed JSON line", "printf '{\"id\": 1}\\n{\"id\": 2\\n' | flamingo resample", "<stdin>: line 2: malformed JSON"),
+        ("image count != media count",
+         f'echo "{prompt([good], "<image>a<|endofchunk|><image>b")}" | flamingo generate',
+         "q1: prompt has 2 <image> marker(s) but media lists 1"),
+        ("unknown template", "flamingo prompt --template nope --shots shots.jsonl < shots.jsonl", "nope"),
+        ("checkpoint without config", "flamingo generate --ckpt no-config < shots.jsonl",
+         "no-config: not a checkpoint directory (no config.yaml)"),
+        ("empty stdin", "flamingo resample < /dev/null", "<stdin>: no records"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(10))
+def test_bad_input_is_one_line_exit_1_and_no_traceback(world, case):
+    root, env = world
+    name, command, message = _bad_inputs(root)[case]
+    r = sh(command, root, env)
+    assert r.returncode == 1, name
+    assert r.stdout == "", name
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("Error: "), f"{name}: {r.stderr!r}"
+    assert message in r.stderr, name
+    assert "Traceback" not in r.stderr
+    debug = sh(command.replace("flamingo ", "flamingo --debug ", 1) if "|" not in command.split("flamingo")[0]
+               else command, root, {**env, "FLAMINGO_DEBUG": "1"})
+    assert "Traceback" in debug.stderr, name
+
+
+def test_no_input_on_a_terminal_exits_2_with_a_hint(world):
+    root, env = world
+    primary, secondary = pty.openpty()
+    try:
+        r = subprocess.run([str(BIN / "flamingo"), "resample"], stdin=secondary, cwd=root, env=env,
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    assert r.returncode == 2 and r.stdout == ""
+    assert "no input" in r.stderr and "- means stdin" in r.stderr
+
+
+def test_dash_means_stdin_and_stdout(world):
+    root, env = world
+    a = sh("flamingo resample - -o - < shots.jsonl", root, env, check=True).stdout
+    b = sh("cat shots.jsonl | flamingo resample", root, env, check=True).stdout
+    assert a == b and len(records(a)) == len(COLOURS)
+
+
+def test_under_torchrun_the_stages_refuse_politely(world):
+    root, env = world
+    r = sh("flamingo resample < shots.jsonl", root, {**env, "WORLD_SIZE": "2", "RANK": "1"})
+    assert r.returncode == 2 and r.stdout == "" and "runs as one process" in r.stderr
+
+
+def test_preset_then_environment_then_flag(world, tmp_path):
+    root, env = world
+    preset = tmp_path / "prompt.yaml"
+    preset.write_text("k: 1\nselect: first\n")
+    cmd = f"flamingo prompt --config {preset} --shots shots.jsonl < shots.jsonl"
+    shots = lambda r: len(records(r.stdout)[0]["shots"])  # noqa: E731
+    assert shots(sh(cmd, root, env, check=True)) == 1
+    assert shots(sh(cmd, root, {**env, "FLAMINGO_PROMPT_K": "2"}, check=True)) == 2
+    assert shots(sh(cmd + " -k 3", root, {**env, "FLAMINGO_PROMPT_K": "2"}, check=True)) == 3
+    preset.write_text("kk: 1\n")
+    r = sh(cmd, root, env)
+    assert r.returncode == 2 and "unknown option(s) kk" in r.stderr
+
+
+def test_stage_help_does_not_import_torch():
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom flamingo_cli.cli import cli\n"
+            "for stage in ['encode', 'resample', 'prompt', 'generate', 'score', 'init']:\n"
+            "    r = CliRunner().invoke(cli, [stage, '--help'])\n"
+            "    assert r.exit_code == 0 and 'Usage:' in r.output, stage\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed")
+def test_jq_filters_between_stages(world):
+    root, env = world
+    r = sh("flamingo encode imgs/ | jq -c 'select(.id | test(\"red|blue\"))'"
+           " | flamingo generate --shots shots.jsonl -k 1 | jq -r .id", root, env, check=True)
+    assert r.stdout.split() == ["imgs/0-red.png", "imgs/2-blue.png"]
