@@ -441,7 +441,7 @@ def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, 
     from .generation import check_prompt_record
     from .media import pad_media
     from .prompting import load_template
-    from .scoring import score_candidates
+    from .scoring import rank, score_candidates
 
     _single_process("score")
     _setup(seed)
@@ -475,7 +475,7 @@ def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, 
                 values = score_candidates(model, ids, visual, list(candidates), normalize=normalize,
                                           batch_size=batch_size, **kw)
             scores = dict(zip(candidates, values))
-            write_records(out, [{**record, "scores": scores, "prediction": max(scores, key=scores.get)}])
+            write_records(out, [{**record, "scores": scores, "prediction": rank(scores)}])
             bar.update(1)
 
 
