@@ -133,9 +133,11 @@ def test_resampled_support_is_reused_and_equals_resampling_on_the_fly(world):
 
 def test_same_seed_gives_byte_identical_stdout(world):
     root, env = world
-    cmd = "flamingo encode imgs/ | flamingo generate --shots shots.jsonl -k 3 --select random --seed {}"
-    a, b, c = (sh(cmd.format(s), root, env, check=True).stdout for s in (7, 7, 8))
+    sh("flamingo encode imgs/ > queries.jsonl", root, env, check=True)
+    cmd = "flamingo {} --shots shots.jsonl -k 3 --select random --seed {} < queries.jsonl"
+    a, b = (sh(cmd.format("generate", 7), root, env, check=True).stdout for _ in range(2))
     assert a == b
+    c = sh(cmd.format("prompt", 8), root, env, check=True).stdout
     assert [r["shots"] for r in records(a)] != [r["shots"] for r in records(c)]
 
 
@@ -221,9 +223,16 @@ def test_bad_input_is_one_line_exit_1_and_no_traceback(world, case):
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("Error: "), f"{name}: {r.stderr!r}"
     assert message in r.stderr, name
     assert "Traceback" not in r.stderr
-    debug = sh(command.replace("flamingo ", "flamingo --debug ", 1) if "|" not in command.split("flamingo")[0]
-               else command, root, {**env, "FLAMINGO_DEBUG": "1"})
-    assert "Traceback" in debug.stderr, name
+
+
+@pytest.mark.parametrize("case", [1, 4])
+def test_debug_shows_the_traceback(world, case):
+    root, env = world
+    name, command, _ = _bad_inputs(root)[case]
+    assert "Traceback" in sh(command, root, {**env, "FLAMINGO_DEBUG": "1"}).stderr, name
+    flag = command.replace("| flamingo ", "| flamingo --debug ") if "|" in command else \
+        command.replace("flamingo ", "flamingo --debug ", 1)
+    assert "Traceback" in sh(flag, root, env).stderr, name
 
 
 def test_no_input_on_a_terminal_exits_2_with_a_hint(world):
