@@ -51,9 +51,9 @@ def cli(debug: bool):
         os.environ["FLAMINGO_DEBUG"] = "1"
 
 
-def _quiet_libraries() -> None:
-    """Progress bars only on a terminal (unix.md §8), transformers' included."""
-    if not sys.stderr.isatty() or os.environ.get("TQDM_DISABLE"):
+def _quiet_libraries(quiet: bool = False) -> None:
+    """Progress bars only on a terminal and without --quiet, transformers' included."""
+    if quiet or not sys.stderr.isatty() or os.environ.get("TQDM_DISABLE", "") not in ("", "0"):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -171,10 +171,10 @@ def _single_process(stage: str) -> None:
                                "and run one process per part instead")
 
 
-def _setup(seed: int) -> None:
+def _setup(seed: int, quiet: bool) -> None:
     import torch
 
-    _quiet_libraries()
+    _quiet_libraries(quiet)
     torch.manual_seed(seed)
 
 
@@ -308,7 +308,7 @@ def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, worke
     from .media import find_images
 
     _single_process("encode")
-    _setup(seed)
+    _setup(seed, quiet)
     records = []
     for item in inputs or ("-",):
         if item == "-":
@@ -352,7 +352,7 @@ def resample(input, ckpt, output, device, seed, quiet, out_dir):
     from .generation import batches
 
     _single_process("resample")
-    _setup(seed)
+    _setup(seed, quiet)
     records = _records(input)
     model, _ = _load_model(_checkpoint(ckpt), device)
     root = Path(out_dir) if out_dir else cache_dir()
@@ -405,7 +405,7 @@ def generate(input, ckpt, output, device, seed, quiet, shots, k, select, templat
     from .generation import batches, generate_records
 
     _single_process("generate")
-    _setup(seed)
+    _setup(seed, quiet)
     records = _records(input)
     if shots:
         records = _prompt_records(records, shots, k, select, seed, template)
@@ -444,7 +444,7 @@ def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, 
     from .scoring import rank, score_candidates
 
     _single_process("score")
-    _setup(seed)
+    _setup(seed, quiet)
     fixed = None
     if candidates_file:
         try:

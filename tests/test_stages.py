@@ -291,3 +291,37 @@ def test_jq_filters_between_stages(world):
     r = sh("flamingo encode imgs/ | jq -c 'select(.id | test(\"red|blue\"))'"
            " | flamingo generate --shots shots.jsonl -k 1 | jq -r .id", root, env, check=True)
     assert r.stdout.split() == ["imgs/0-red.png", "imgs/2-blue.png"]
+
+
+def _stderr_on_a_terminal(args, cwd, env):
+    import fcntl
+    import struct
+    import termios
+
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # an 100-column terminal
+    with open(cwd / "shots.jsonl", "rb") as stdin:
+        proc = subprocess.Popen(args, cwd=cwd, env=env, stdin=stdin, stdout=subprocess.PIPE, stderr=secondary)
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            data = os.read(primary, 4096)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not data:
+            break
+        chunks.append(data)
+    stdout = proc.stdout.read()
+    proc.wait(timeout=120)
+    os.close(primary)
+    return proc.returncode, stdout.decode(), b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bars_only_on_a_terminal_and_never_on_stdout(world):
+    root, env = world
+    code, stdout, stderr = _stderr_on_a_terminal([str(BIN / "flamingo"), "resample"], root, env)
+    assert code == 0 and "resample" in stderr and "rec" in stderr
+    assert len(records(stdout)) == len(COLOURS)
+    code, stdout, stderr = _stderr_on_a_terminal([str(BIN / "flamingo"), "resample", "--quiet"], root, env)
+    assert code == 0 and stderr == "" and len(records(stdout)) == len(COLOURS)
