@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import sys
@@ -77,23 +76,34 @@ def open_output(path: str | None):
     if path in (None, "-"):
         yield sys.stdout
         return
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent if str(target.parent) else ".")
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        yield f
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """A temp file name beside `path`; renamed onto `path` (with the usual umask mode) only if
+    the block completes, removed otherwise."""
+    path = Path(path)
     try:
-        with io.open(fd, "w", encoding="utf-8", newline="\n") as f:
-            yield f
-        _chmod_default(tmp)
-        os.replace(tmp, target)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot write ({e.strerror})") from None
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~default_umask())
+        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
 
 
-def _chmod_default(path: str | Path) -> None:
+def default_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    return umask
 
 
 # -- tensors ----------------------------------------------------------------------------
@@ -119,17 +129,9 @@ def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str]) -> P
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
                   metadata={"format": FORMAT, **metadata})
-        _chmod_default(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     return path
 
 

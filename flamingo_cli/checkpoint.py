@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import digest_file
+from .artifacts import default_umask, digest_file
 from .config import EncoderConfig, FlamingoConfig, LMConfig
 from .errors import CheckpointError, ConfigError
 from .model import Flamingo
@@ -233,8 +233,7 @@ def save_checkpoint(model: Flamingo, directory: str | Path, *, embed_lm: bool = 
 
 def _default_permissions(root: Path) -> None:
     """mkdtemp makes a private 0700 directory; the checkpoint should get the usual umask modes."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = default_umask()
     os.chmod(root, 0o777 & ~umask)
     for path in root.rglob("*"):
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
