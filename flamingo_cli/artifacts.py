@@ -203,3 +203,55 @@ def tensor_path(root: Path, content: str, identity: str) -> Path:
     """Content-addressed: the same media under the same encoder (or model) maps to the same file."""
     key = digest_bytes(f"{content}\0{identity}".encode())
     return root / key[:2] / f"{key}.safetensors"
+
+
+# -- training shards ----------------------------------------------------------------------
+# A webdataset sample is `KEY.json` (the record: `caption` for a pair, `segments` for an
+# interleaved document, whose ints index its media) plus its media: raw images as
+# `KEY.jpg` (img2dataset's layout, medium 0) or `KEY.<i>.<ext>`, or precomputed features
+# as `KEY.features.safetensors` holding one (frames, tokens, d) tensor per medium, keyed
+# "0", "1", ..., with the encoder identity in its metadata.
+
+SHARD_FEATURES = "features.safetensors"
+
+
+def feature_sample(key: str, record: dict, features: list, encoder: str) -> dict:
+    """A sample for webdataset's ShardWriter: the record plus its media's features."""
+    from safetensors.torch import save
+
+    tensors = {str(i): f.detach().contiguous().cpu() for i, f in enumerate(features)}
+    return {"__key__": key, "json": json.dumps(record, ensure_ascii=False).encode(),
+            SHARD_FEATURES: save(tensors, metadata={"format": FORMAT, "encoder": encoder})}
+
+
+def read_sample(sample: dict) -> tuple[dict, list, str | None]:
+    """(record, media, encoder) from a webdataset sample. media holds feature tensors when the
+    sample has precomputed features (encoder names their encoder), else raw image bytes."""
+    key = sample.get("__key__", "<sample>")
+    if "json" in sample:
+        try:
+            record = json.loads(sample["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ArtifactError(f"{key}: malformed json ({e})") from None
+    elif "txt" in sample:
+        record = {}
+    else:
+        raise ArtifactError(f"{key}: no json or txt")
+    if "caption" not in record and "segments" not in record and "txt" in sample:
+        record["caption"] = sample["txt"].decode("utf-8", errors="replace")
+    if SHARD_FEATURES in sample:
+        from safetensors.torch import load
+
+        data = sample[SHARD_FEATURES]
+        try:
+            tensors = load(data)
+            header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+        except Exception as e:
+            raise ArtifactError(f"{key}: unreadable features ({_short(e)})") from None
+        return record, [tensors[str(i)] for i in range(len(tensors))], header.get("__metadata__", {}).get("encoder")
+    images = {}
+    for ext, data in sample.items():
+        stem, _, suffix = ext.rpartition(".")
+        if f".{(suffix or ext).lower()}" in {".jpg", ".jpeg", ".png", ".webp", ".bmp"}:
+            images[int(stem) if stem.isdigit() else 0] = data
+    return record, [images[i] for i in sorted(images)], None

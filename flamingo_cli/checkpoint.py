@@ -181,12 +181,13 @@ def load_checkpoint_encoder(directory: str | Path) -> tuple[VisionEncoder, str]:
 
 
 def save_checkpoint(model: Flamingo, directory: str | Path, *, embed_lm: bool = False,
-                    embed_encoder: bool = False) -> Path:
+                    embed_encoder: bool = False, extra: dict[str, bytes] | None = None) -> Path:
     """Write the checkpoint directory atomically: a temp dir beside it, then a rename.
 
     embed_lm copies the LM directory in (lm/) and embed_encoder stores the encoder's
     weights, so the checkpoint runs on a machine that has neither. Parts embedded in the
-    checkpoint the model was loaded from stay embedded.
+    checkpoint the model was loaded from stay embedded. `extra` files (e.g. a trainer's
+    state) are written into the same directory, inside the same atomic rename.
     """
     from safetensors.torch import save_file
 
@@ -223,6 +224,8 @@ def save_checkpoint(model: Flamingo, directory: str | Path, *, embed_lm: bool = 
             config.encoder.weights = str(weights)
 
         (tmp / CONFIG_FILE).write_text(config.to_yaml())
+        for name, data in (extra or {}).items():
+            (tmp / name).write_bytes(data)
         _default_permissions(tmp)
         _replace_dir(tmp, directory)
     except BaseException:

@@ -289,8 +289,13 @@ def _pooled_vectors(queries: list[dict], support: list[dict]):
 @click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True,
               help="DataLoader processes that decode and resize images while the encoder runs.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images (counted on stderr) instead of failing.")
+@click.option("--wds", "wds_pattern", help="Also write webdataset feature shards for pretrain, e.g. "
+              "OUT/shard-%06d.tar (records with `image`, or `segments` and `images`).")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Samples per shard with --wds.")
 @dtype_option
-def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, workers, skip_bad, dtype):
+def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, workers, skip_bad, wds_pattern,
+           shard_size, dtype):
     """Encode images with the checkpoint's frozen vision encoder.
 
     INPUTS are image files, directories (searched recursively, in sorted order) or -
@@ -298,7 +303,9 @@ def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, worke
     read from stdin. Each output record passes its input fields through and adds
     `features` (PATH.safetensors#features, shaped frames x tokens x dim) and `encoder`.
     Features are cached by image content and encoder, so re-encoding is free.
-    Records are written as each batch finishes. Runs as a single process.
+    Records are written as each batch finishes. With --wds, it also writes feature
+    shards for `flamingo pretrain` (then records come at the end, `features` a list).
+    Runs as a single process.
     """
     from pathlib import Path
 
@@ -323,11 +330,22 @@ def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, worke
     encoder = encoder.to(device)
     skipped = []
     root = Path(out_dir) if out_dir else cache_dir()
-    with _progress(quiet, total=len(records), unit="img", desc="encode") as bar, open_output(output) as out:
-        for batch in encode_records(encoder, identity, records, root=root, batch_size=batch_size, workers=workers,
-                                    skip_bad=skip_bad, device=device, dtype=_dtype(dtype), on_skip=skipped.append):
-            write_records(out, batch)
-            bar.update(len(batch))
+    options = dict(root=root, batch_size=batch_size, workers=workers, skip_bad=skip_bad, device=device,
+                   dtype=_dtype(dtype), on_skip=skipped.append)
+    if wds_pattern:
+        from .encoding import media_paths, write_feature_shards
+
+        if "%" not in wds_pattern:
+            raise click.BadParameter("needs a %d-style shard number, e.g. out/shard-%06d.tar", param_hint="--wds")
+        total = sum(len(media_paths(r)) for r in records)
+        with _progress(quiet, total=total, unit="img", desc="encode") as bar, open_output(output) as out:
+            write_records(out, write_feature_shards(encoder, identity, records, wds_pattern, maxcount=shard_size,
+                                                    on_batch=bar.update, **options))
+    else:
+        with _progress(quiet, total=len(records), unit="img", desc="encode") as bar, open_output(output) as out:
+            for batch in encode_records(encoder, identity, records, **options):
+                write_records(out, batch)
+                bar.update(len(batch))
     if skipped:
         click.echo(f"flamingo encode: skipped {len(skipped)} unreadable file(s); first: {skipped[0]}", err=True)
 
@@ -477,6 +495,101 @@ def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, 
             scores = dict(zip(candidates, values))
             write_records(out, [{**record, "scores": scores, "prediction": rank(scores)}])
             bar.update(1)
+
+
+@cli.command(short_help="Train the resampler, gated cross-attention and new token rows.")
+@click.option("-c", "--config", callback=_load_preset, is_eager=True, expose_value=False,
+              help="Preset NAME (stages/pretrain/NAME.yaml) or YAML FILE of option defaults.")
+@click.option("--ckpt", envvar="FLAMINGO_CKPT", type=click.Path(),
+              help="Checkpoint to start from (e.g. from flamingo init); also FLAMINGO_CKPT.")
+@click.option("--run-dir", "run_dir", required=True, type=click.Path(file_okay=False),
+              help="Run directory: checkpoint/ and metrics.jsonl go here.")
+@click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last checkpoint, exactly.")
+@click.option("--data", multiple=True, help="NAME=SHARDS: a dataset of webdataset shards (brace patterns allowed). Repeat.")
+@click.option("--weight", multiple=True, help="NAME=LAMBDA: the dataset's weight in the loss (default 1.0).")
+@click.option("--batch", multiple=True, help="NAME=B: the dataset's global batch size per step (default 8).")
+@click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=5000, show_default=True,
+              help="Linear warmup steps, then a constant rate.")
+@click.option("--weight-decay", type=float, default=0.1, show_default=True, help="AdamW decay; never on the resampler or gates.")
+@click.option("--grad-clip", type=float, default=1.0, show_default=True, help="Global gradient-norm clip.")
+@click.option("--gate-lr-mult", type=float, default=1.0, show_default=True,
+              help="Learning-rate multiplier for the tanh-gate scalars (zero-start gates move slowly in short runs).")
+@click.option("--save-every", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="Autocast dtype of the forward pass; master weights stay float32.")
+@click.option("--window", type=click.IntRange(min=8), default=256, show_default=True,
+              help="Tokens per interleaved sample.")
+@click.option("--max-images", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Images kept per interleaved window.")
+@click.option("--p-next", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Per document, probability that text attends to the next image instead of the previous.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def pretrain(ckpt, run_dir, resume, data, weight, batch, steps, lr, warmup, weight_decay, grad_clip, gate_lr_mult,
+             save_every, dtype, window, max_images, p_next, device, seed, quiet):
+    """Pretrain on a weighted mixture of webdataset shards, as the paper does.
+
+    Every step accumulates gradients from every dataset, each loss scaled by its
+    lambda (--weight); the LM and the vision encoder stay frozen. Shards hold
+    image-caption pairs (a caption and an image) or interleaved documents (segments
+    of text and image indices), with raw images or precomputed features from
+    `flamingo encode --wds`; training from features never loads the encoder.
+    Writes RUN/checkpoint/ (a checkpoint every stage accepts, plus the training
+    state) and RUN/metrics.jsonl. Under torchrun or SLURM it trains with DDP.
+    """
+    from pathlib import Path
+
+    import torch
+
+    from .checkpoint import load_checkpoint, load_checkpoint_encoder
+    from .data import ExampleStream, parse_specs
+    from .sampling import SamplingConfig
+    from .training import CHECKPOINT_DIR, Distributed, TrainConfig, Trainer, truncate_metrics
+
+    _quiet_libraries(quiet)
+    dist = Distributed.from_env()
+    if dist.world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo" if device == "cpu" else "nccl")
+        if device != "cpu":
+            device = f"cuda:{dist.local_rank}"
+    run = Path(run_dir)
+    resumed = resume and (run / CHECKPOINT_DIR / "config.yaml").exists()
+    source = run / CHECKPOINT_DIR if resumed else Path(_checkpoint(ckpt))
+    specs = parse_specs(list(data), list(weight), list(batch))
+    config = TrainConfig(steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip,
+                         gate_lr_mult=gate_lr_mult, save_every=save_every, dtype=dtype, seed=seed)
+    torch.manual_seed(seed)
+    model = load_checkpoint(source, with_encoder=False).to(device)
+    encoder = []
+
+    def encode_image(data: bytes):
+        from .media import read_image
+
+        if not encoder:
+            encoder.append(load_checkpoint_encoder(source)[0].to(device))
+        pixels = encoder[0].transform()(read_image("<shard image>", data)).unsqueeze(0).to(device)
+        return encoder[0](pixels)[0]
+
+    log = (lambda msg: click.echo(msg, err=True)) if dist.rank == 0 else (lambda msg: None)
+    run.mkdir(parents=True, exist_ok=True)
+    sampling = SamplingConfig(window=window, max_images=max_images, p_next=p_next)
+    trainer = Trainer(model, specs, sampling, config, run, dist=dist, encode_image=encode_image, log=log,
+                      device=device)
+    if resumed:
+        trainer.load_state(source)
+        truncate_metrics(run, trainer.step)
+    elif resume:
+        log(f"flamingo pretrain: nothing to resume in {run}; starting from {source}")
+    streams = {s.name: ExampleStream(s, model.tokenizer, sampling, seed=seed, position=trainer.positions[s.name],
+                                     log=log) for s in specs}
+    with _progress(quiet or dist.rank != 0, total=steps, initial=trainer.step, unit="step",
+                   desc="pretrain") as bar:
+        trainer.train(streams, bar)
+    if dist.world > 1:
+        torch.distributed.destroy_process_group()
 
 
 def main() -> None:

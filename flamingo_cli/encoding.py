@@ -78,3 +78,42 @@ def resample_records(model, records: list[dict], *, root: Path, device: str = "c
                           "source": meta.get("source", ref)})
         out.append({**record, "visual": make_ref(path, VISUAL)})
     return out
+
+
+def media_paths(record: dict) -> list[str]:
+    """A training record's media: `images` (an interleaved document) or its one `image`."""
+    if "segments" in record or "images" in record:
+        images = record.get("images")
+        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+            raise ArtifactError(f"{record.get('id', '<record>')}: an interleaved document needs an 'images' list")
+        return images
+    return [_media_path(record)]
+
+
+def write_feature_shards(encoder, identity: str, records: list[dict], pattern: str, *, root: Path,
+                         maxcount: int = 1000, on_batch=None, **encode_kw) -> list[dict]:
+    """Encode every record's media (through the feature cache) and write webdataset shards of
+    records plus features, for `flamingo pretrain`. Each shard appears under its final name
+    only once complete. Returns the records written, with `features` (a list of references)
+    and `encoder`; a record with a skipped (unreadable) image is left out."""
+    import os
+
+    import webdataset as wds
+
+    from .artifacts import feature_sample
+
+    flat = [{"image": path, "owner": i} for i, record in enumerate(records) for path in media_paths(record)]
+    refs: dict[int, list[str]] = {i: [] for i in range(len(records))}
+    for batch in encode_records(encoder, identity, flat, root=root, **encode_kw):
+        for item in batch:
+            refs[item["owner"]].append(item["features"])
+        if on_batch:
+            on_batch(len(batch))
+    complete = [i for i, record in enumerate(records) if len(refs[i]) == len(media_paths(record))]
+    Path(pattern % 0).parent.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(pattern + ".tmp", maxcount=maxcount, verbose=0,
+                         post=lambda name: os.replace(name, name[: -len(".tmp")])) as sink:
+        for i in complete:
+            features = [load_ref(ref, encoder=identity)[0] for ref in refs[i]]
+            sink.write(feature_sample(f"{i:09d}", records[i], features, identity))
+    return [{**records[i], "features": refs[i], "encoder": identity} for i in complete]

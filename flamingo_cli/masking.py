@@ -10,13 +10,24 @@ from __future__ import annotations
 import torch
 
 
-def image_index(input_ids: torch.Tensor, image_token_id: int, images_before: torch.Tensor | None = None) -> torch.Tensor:
+def image_index(input_ids: torch.Tensor, image_token_id: int, images_before: torch.Tensor | None = None,
+                next_image: torch.Tensor | None = None) -> torch.Tensor:
     """phi for each token of input_ids (b, t) -> (b, t) long.
 
     images_before (b,) counts the images in an already-processed prefix (KV-cached decoding).
+    next_image (b,) bool selects, per sequence, the paper's training-time alternative
+    (p_next): text attends to the next image instead, an <image> still to its own, and
+    text after the last image to none.
     """
-    phi = (input_ids == image_token_id).long().cumsum(dim=1)
+    is_image = (input_ids == image_token_id).long()
+    phi = is_image.cumsum(dim=1)
+    if next_image is not None:
+        upcoming = phi - is_image + 1  # the first image at or after each position
+        upcoming = torch.where(upcoming <= phi[:, -1:], upcoming, 0)
+        phi = torch.where(next_image.to(phi.device).unsqueeze(1), upcoming, phi)
     if images_before is not None:
+        if next_image is not None:
+            raise ValueError("next_image is for whole training sequences, not cached continuations")
         phi = phi + images_before.to(phi.device).unsqueeze(1)
     return phi
 

@@ -153,14 +153,15 @@ class Flamingo(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, visual: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, images_before: torch.Tensor | None = None,
-                cache=None, use_cache: bool = False):
+                next_image: torch.Tensor | None = None, cache=None, use_cache: bool = False):
         """Next-token logits for input_ids (b, t) conditioned on visual tokens (b, m, l, d).
 
         With a `cache` from an earlier call, input_ids continue that sequence and
-        `images_before` (b,) counts the <image> tokens already in it.
+        `images_before` (b,) counts the <image> tokens already in it. `next_image` (b,) bool
+        makes a training sequence's text attend to the next image instead (the paper's p_next).
         Returns the LM's output (`.logits`, and the cache when use_cache).
         """
-        phi = image_index(input_ids, self.image_token_id, images_before)
+        phi = image_index(input_ids, self.image_token_id, images_before, next_image)
         self._check_media(phi, visual)
         ctx = MediaContext(visual=visual, phi=phi, start=_cache_length({"cache": cache}))
         with self._conditioned(ctx):

@@ -288,3 +288,25 @@ def test_new_token_rows_land_at_their_ids_even_past_a_gap():
         assert torch.equal(logits[:, :min(first, 10)], base_head(h)[:, :min(first, 10)])
         if first > 10:
             assert (logits[:, 10:first] == torch.finfo(logits.dtype).min).all()
+
+
+def test_next_image_mode_attends_to_the_following_image(make_model):
+    from flamingo_cli.masking import image_index
+
+    model = make_model("llama", gates=0.5)
+    ids = ids_for(model, "before " + PROMPT + " after")
+    img = model.image_token_id
+    nxt = image_index(ids, img, next_image=torch.tensor([True]))[0]
+    prev = image_index(ids, img)[0]
+    positions = (ids[0] == img).nonzero().flatten().tolist()
+    assert nxt[: positions[0]].eq(1).all(), "text before the first image attends to it"
+    assert [int(nxt[p]) for p in positions] == [1, 2, 3], "an <image> attends to its own image"
+    assert nxt[positions[-1] + 1:].eq(0).all(), "text after the last image has no next image"
+    assert torch.equal(prev, image_index(ids, img, next_image=torch.tensor([False]))[0])
+    visual = visual_tokens(1, 3)
+    changed = visual.clone()
+    changed[:, 0] = torch.randn_like(changed[:, 0])
+    with torch.no_grad():
+        a = model(ids, visual, next_image=torch.tensor([True])).logits
+        b = model(ids, changed, next_image=torch.tensor([True])).logits
+    assert not torch.allclose(a[:, : positions[0]], b[:, : positions[0]]), "image 1 now reaches the text before it"

@@ -1,0 +1,164 @@
+"""Training data: webdataset shards -> the paper's samples -> per-dataset global batches.
+
+Order is deterministic and independent of the number of processes: every rank reads the
+same sample stream (shards in a seeded order per epoch, read by webdataset's own tar
+iterators), forms the same global batch of B usable examples, and keeps its slice. Each
+sample's randomness (window, p_next, leading space) comes from an RNG seeded by
+(seed, dataset, sample index), so resuming at a data position reproduces the samples
+bitwise without saving generator state.
+"""
+from __future__ import annotations
+
+import os
+import random
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .artifacts import ArtifactError, read_sample
+from .errors import FlamingoError
+from .sampling import SamplingConfig, collate, interleaved_example, pair_example
+
+
+@dataclass
+class DatasetSpec:
+    name: str
+    pattern: str  # shard paths, brace patterns allowed
+    weight: float = 1.0  # lambda_m: this dataset's share of the loss
+    batch: int = 8  # global batch size, over all processes
+
+
+@dataclass
+class DataStats:
+    position: int = 0  # raw samples consumed from the stream: the resume point
+    bad: int = 0  # unreadable samples, logged and skipped
+    empty: int = 0  # windows without an image, skipped
+
+
+def parse_specs(data: list[str], weights: list[str], batches: list[str]) -> list[DatasetSpec]:
+    """--data NAME=PATTERN, --weight NAME=L, --batch NAME=B into specs."""
+    def pairs(items, what):
+        out = {}
+        for item in items:
+            name, sep, value = item.partition("=")
+            if not sep or not name or not value:
+                raise FlamingoError(f"--{what} {item!r}: expected NAME=VALUE")
+            out[name] = value
+        return out
+
+    patterns, lambdas, sizes = pairs(data, "data"), pairs(weights, "weight"), pairs(batches, "batch")
+    if not patterns:
+        raise FlamingoError("no training data: give --data NAME=SHARDS (or a --config preset)")
+    for what, named in (("weight", lambdas), ("batch", sizes)):
+        unknown = sorted(set(named) - set(patterns))
+        if unknown:
+            raise FlamingoError(f"--{what} names unknown dataset(s) {', '.join(unknown)}")
+    try:
+        return [DatasetSpec(name, pattern, float(lambdas.get(name, 1.0)), int(sizes.get(name, 8)))
+                for name, pattern in patterns.items()]
+    except ValueError as e:
+        raise FlamingoError(f"bad --weight or --batch value: {e}") from None
+
+
+def _shard_urls(pattern: str) -> list[str]:
+    from webdataset.shardlists import expand_urls
+
+    urls = expand_urls(pattern)
+    missing = [u for u in urls if "://" not in u and not os.path.exists(u)]
+    if missing:
+        raise FlamingoError(f"{missing[0]}: no such shard" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return urls
+
+
+def _raw_samples(urls: list[str], seed: int, log) -> Iterator[dict]:
+    """Samples forever: epoch e reads the shards in an order seeded by (seed, e)."""
+    from webdataset.tariterators import shardlist, tarfile_samples
+
+    def warn(exc) -> bool:
+        log(f"flamingo pretrain: skipping unreadable shard data: {exc}")
+        return True
+
+    epoch = 0
+    while True:
+        order = list(urls)
+        random.Random(f"{seed}\0epoch\0{epoch}").shuffle(order)
+        yield from tarfile_samples(shardlist(order), handler=warn)
+        epoch += 1
+
+
+class ExampleStream:
+    """One dataset's stream of (Example, media) in global order, resumable at a position."""
+
+    def __init__(self, spec: DatasetSpec, tokenizer, sampling: SamplingConfig, *, seed: int, position: int = 0,
+                 log=None):
+        self.spec, self.tokenizer, self.sampling, self.seed = spec, tokenizer, sampling, seed
+        self.stats = DataStats(position=position)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self._samples = _raw_samples(_shard_urls(spec.pattern), seed, self.log)
+        for _ in range(position):
+            next(self._samples)
+
+    def _example(self, sample: dict, index: int):
+        record, media, encoder = read_sample(sample)
+        rng = random.Random(f"{self.seed}\0{self.spec.name}\0{index}")
+        if "segments" in record:
+            segments = record["segments"]
+            if not isinstance(segments, list) or any(isinstance(s, int) and not 0 <= s < len(media) for s in segments):
+                raise ArtifactError(f"{sample.get('__key__')}: segments refer to media it does not have")
+            example = interleaved_example(self.tokenizer, segments, rng, self.sampling)
+        elif isinstance(record.get("caption"), str) and media:
+            example = pair_example(self.tokenizer, record["caption"], rng, self.sampling)
+        else:
+            raise ArtifactError(f"{sample.get('__key__')}: neither a caption with an image nor segments")
+        return example, media, encoder
+
+    def next_batch(self) -> list[tuple]:
+        """The next global batch: `batch` usable examples with their media."""
+        out = []
+        while len(out) < self.spec.batch:
+            index = self.stats.position
+            sample = next(self._samples)
+            self.stats.position += 1
+            try:
+                example, media, encoder = self._example(sample, index)
+            except (ArtifactError, ValueError, KeyError, TypeError) as e:
+                self.stats.bad += 1
+                self.log(f"flamingo pretrain: {self.spec.name}: skipping sample {index}: {e}")
+                continue
+            if example is None:
+                self.stats.empty += 1
+                continue
+            out.append((example, [media[i] for i in example.media], encoder))
+        return out
+
+
+def to_tensors(batch: list[tuple], pad_id: int) -> dict:
+    """Collated tokens plus the media of each example, in order."""
+    tensors = collate([example for example, _, _ in batch], pad_id)
+    tensors["media"] = [media for _, media, _ in batch]
+    return tensors
+
+
+def visual_tokens(model, media: list[list], encode_image=None) -> torch.Tensor | None:
+    """Per-example media (feature tensors, or raw image bytes run through the frozen
+    encoder) -> (b, max media, latents, d) visual tokens, zero padded."""
+    from .media import pad_media
+
+    flat = [m for ms in media for m in ms]
+    if not flat:
+        return None
+    features = [m if isinstance(m, torch.Tensor) else encode_image(m) for m in flat]
+    device = model.resampler.latents.device
+    # Media of the same shape (same frame count) are resampled together.
+    by_shape: dict[tuple, list[int]] = {}
+    for i, f in enumerate(features):
+        by_shape.setdefault(tuple(f.shape), []).append(i)
+    tokens: list = [None] * len(features)
+    for idx in by_shape.values():
+        for i, t in zip(idx, model.resample(torch.stack([features[i] for i in idx]).to(device))):
+            tokens[i] = t
+    it = iter(tokens)
+    return pad_media([torch.stack([next(it) for _ in ms]) if ms else tokens[0].new_zeros(0, *tokens[0].shape)
+                      for ms in media])

@@ -1,0 +1,220 @@
+"""Pretraining (paper §2.4, App. A.3): a weighted sum of per-dataset NLL, every dataset in
+every optimizer step.
+
+    loss = sum_m lambda_m * NLL_m     (gradients accumulated over all datasets, not round-robin)
+
+AdamW, linear warmup then a constant rate, global-norm clipping, no weight decay on the
+resampler. Only the trainable parts have gradients or optimizer state. A checkpoint
+holds the weights, the optimizer and schedule, the step and each dataset's position,
+so a resumed run continues bitwise as if it had never stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data import DatasetSpec, ExampleStream, to_tensors, visual_tokens
+from .errors import FlamingoError
+from .sampling import SamplingConfig
+
+STATE_FILE = "trainer_state.pt"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoint"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    lr: float = 1e-4
+    warmup: int = 5000  # linear warmup from 0, then constant (the paper's schedule)
+    weight_decay: float = 0.1  # 0 for the resampler and the gates
+    grad_clip: float = 1.0
+    gate_lr_mult: float = 1.0  # zero-start gates move slowly in short runs; a documented option
+    save_every: int = 1000
+    dtype: str = "float32"  # autocast dtype for the forward; master weights stay fp32
+    seed: int = 0
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "Distributed":
+        """torchrun's RANK/WORLD_SIZE/LOCAL_RANK, else SLURM's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID."""
+        env = os.environ
+        if "WORLD_SIZE" in env:
+            return cls(int(env.get("RANK", 0)), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+        if "SLURM_NTASKS" in env:
+            return cls(int(env.get("SLURM_PROCID", 0)), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+        return cls()
+
+
+def param_groups(model, config: TrainConfig) -> list[dict]:
+    gates = [p for block in model.xattn.values() for p in (block.attn_gate, block.ff_gate)]
+    gate_ids = {id(p) for p in gates}
+    decayed = [p for p in [*model.xattn.parameters(), *model.new_tokens.parameters()] if id(p) not in gate_ids]
+    return [
+        {"params": decayed, "weight_decay": config.weight_decay, "lr_mult": 1.0},
+        {"params": list(model.resampler.parameters()), "weight_decay": 0.0, "lr_mult": 1.0},
+        {"params": gates, "weight_decay": 0.0, "lr_mult": config.gate_lr_mult},
+    ]
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warmup over `warmup` steps from 0, then constant (step counts from 0)."""
+    return config.lr * min(1.0, (step + 1) / max(1, config.warmup))
+
+
+class Trainer:
+    def __init__(self, model, specs: list[DatasetSpec], sampling: SamplingConfig, config: TrainConfig,
+                 run_dir: str | Path, *, dist: Distributed | None = None, encode_image=None, log=None,
+                 device: str = "cpu"):
+        self.model, self.specs, self.config = model, specs, config
+        self.run_dir = Path(run_dir)
+        self.dist = dist or Distributed()
+        self.encode_image, self.device = encode_image, device
+        self.log = log or (lambda msg: None)
+        for spec in specs:
+            if spec.batch < self.dist.world:
+                raise FlamingoError(f"dataset {spec.name}: global batch {spec.batch} is smaller than "
+                                    f"the {self.dist.world} processes")
+        self.optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.lr, betas=(0.9, 0.999))
+        self.step = 0
+        self.positions = {spec.name: 0 for spec in specs}
+        self.ddp = None
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(model, device_ids=None if device == "cpu" else [self.dist.local_rank])
+
+    # -- state --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "positions": dict(self.positions),
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                "config": dict(self.config.__dict__)}
+
+    def load_state(self, directory: Path) -> None:
+        path = directory / STATE_FILE
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError) as e:
+            raise FlamingoError(f"{path}: cannot read the training state ({str(e).splitlines()[0][:160]})") from None
+        missing = sorted(set(self.positions) - set(state["positions"]))
+        if missing:
+            raise FlamingoError(f"{path}: no data position for dataset(s) {', '.join(missing)}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        self.positions = {name: state["positions"][name] for name in self.positions}
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+
+    def save(self) -> None:
+        from .checkpoint import save_checkpoint
+
+        if self.dist.rank != 0:
+            return
+        buffer = io.BytesIO()
+        torch.save(self.state_dict(), buffer)
+        save_checkpoint(self.model, self.run_dir / CHECKPOINT_DIR, extra={STATE_FILE: buffer.getvalue()})
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def _loss(self, batch: dict, global_tokens: int) -> torch.Tensor:
+        """Summed NLL of this rank's slice over the global batch's token count: DDP averages
+        gradients over ranks, so scaling by the world size gives the global mean exactly."""
+        model = self.ddp or self.model
+        ids = batch["input_ids"].to(self.device)
+        visual = visual_tokens(self.model, batch["media"], self.encode_image)
+        kind = torch.device(self.device).type
+        dtype = None if self.config.dtype == "float32" else getattr(torch, self.config.dtype)
+        with torch.autocast(device_type=kind, dtype=dtype, enabled=dtype is not None):
+            logits = model(ids, visual, attention_mask=batch["attention_mask"].to(self.device),
+                           next_image=batch["next_image"].to(self.device)).logits
+        labels = batch["labels"].to(self.device)[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                                ignore_index=-100, reduction="sum")
+        return nll * self.dist.world / max(1, global_tokens)
+
+    def train(self, streams: dict[str, ExampleStream], progress=None) -> None:
+        """Run from self.step to config.steps, saving every save_every steps and at the end."""
+        config, model, pad = self.config, self.model, self.model.pad_token_id
+        trainable = model.trainable_parameters()
+        model.train()
+        metrics = self.run_dir / METRICS_FILE
+        while self.step < config.steps:
+            start = time.perf_counter()
+            lr = learning_rate(self.step, config)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr * group["lr_mult"]
+            self.optimizer.zero_grad(set_to_none=True)
+            losses, tokens, examples = {}, 0, 0
+            for i, spec in enumerate(self.specs):
+                full = streams[spec.name].next_batch()
+                global_tokens = sum(sum(label != -100 for label in ex.labels[1:]) for ex, _, _ in full)
+                foreign = {e for _, _, e in full} - {None, model.encoder_id}
+                if foreign:
+                    raise FlamingoError(f"dataset {spec.name}: features made by encoder {foreign.pop()}, "
+                                        f"but this checkpoint's encoder is {model.encoder_id}")
+                batch = to_tensors(full[self.dist.rank::self.dist.world], pad)
+                last = i == len(self.specs) - 1
+                sync = contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()
+                with sync:
+                    loss = self._loss(batch, global_tokens)
+                    (spec.weight * loss).backward()
+                losses[spec.name] = self._global_mean(loss.detach())
+                tokens += global_tokens
+                examples += len(full)
+                self.positions[spec.name] = streams[spec.name].stats.position
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+            self.optimizer.step()
+            self.step += 1
+            seconds = time.perf_counter() - start
+            if self.dist.rank == 0:
+                record = {"step": self.step, "lr": lr, "loss": losses,
+                          "weighted_loss": sum(s.weight * losses[s.name] for s in self.specs),
+                          "grad_norm": float(grad_norm), "tokens_per_s": tokens / seconds,
+                          "examples_per_s": examples / seconds,
+                          "gates": {i: {"attn": float(b.attn_gate.detach().tanh()), "ffw": float(b.ff_gate.detach().tanh())}
+                                    for i, b in model.xattn.items()},
+                          "bad_samples": {n: s.stats.bad for n, s in streams.items()},
+                          "empty_windows": {n: s.stats.empty for n, s in streams.items()}}
+                with open(metrics, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix({n: f"{v:.3f}" for n, v in losses.items()})
+            if self.step % config.save_every == 0 or self.step == config.steps:
+                self.save()
+
+    def _global_mean(self, loss: torch.Tensor) -> float:
+        """This dataset's loss over the whole global batch (the ranks' slices already carry the scaling)."""
+        if self.ddp is not None:
+            loss = loss.clone()
+            torch.distributed.all_reduce(loss)
+            return float(loss) / self.dist.world
+        return float(loss)
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """On resume, drop metrics logged after the checkpoint's step: they will be redone."""
+    from .artifacts import open_output
+
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if line.strip() and json.loads(line)["step"] <= step]
+    with open_output(str(path)) as f:
+        f.writelines(keep)

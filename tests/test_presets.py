@@ -1,0 +1,247 @@
+"""The shipped presets: init presets load strictly, pretrain presets name real options, and the
+SLURM launcher's dry run prints the command it would run without running anything."""
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flamingo_cli.config import FlamingoConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ROOT / "stages"
+SBATCH = ROOT / "examples" / "pretrain" / "slurm.sbatch"
+
+INIT_PRESETS = sorted((STAGES / "init").glob("*.yaml"))
+PRETRAIN_PRESETS = sorted((STAGES / "pretrain").glob("*.yaml"))
+
+PRETRAIN_OPTIONS = {"data", "weight", "batch", "steps", "lr", "warmup", "weight_decay", "grad_clip",
+                    "gate_lr_mult", "save_every", "dtype", "grad_checkpointing", "window", "max_images",
+                    "p_next", "workers", "seed"}
+
+OPENFLAMINGO = {  # released models: (LM, cross-attention every N layers)
+    "openflamingo-3b": ("mosaicml/mpt-1b-redpajama-200b", 1),
+    "openflamingo-4b": ("togethercomputer/RedPajama-INCITE-Base-3B-v1", 2),
+    "openflamingo-9b": ("mosaicml/mpt-7b", 4),
+}
+
+
+def _pairs(entries, what):
+    """["NAME=VALUE", ...] -> {NAME: VALUE}, each entry well formed and each name once."""
+    assert isinstance(entries, list) and entries, f"{what} must be a non-empty list"
+    out = {}
+    for entry in entries:
+        assert isinstance(entry, str), f"{what}: {entry!r} is not a string"
+        name, sep, value = entry.partition("=")
+        assert sep and re.fullmatch(r"[A-Za-z][\w-]*", name) and value, f"{what}: {entry!r} is not NAME=VALUE"
+        assert name not in out, f"{what}: {name} given twice"
+        out[name] = value
+    return out
+
+
+def _load(path):
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert isinstance(data, dict), f"{path.name}: expected a mapping"
+    return data
+
+
+# -- init -----------------------------------------------------------------------------------------
+
+def test_init_presets_exist():
+    names = {p.stem for p in INIT_PRESETS}
+    assert {"tiny", "flamingo-paper", *OPENFLAMINGO} <= names
+
+
+@pytest.mark.parametrize("path", INIT_PRESETS, ids=lambda p: p.stem)
+def test_init_preset_loads_strictly(path):
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("#"), f"{path.name}: start with a comment saying where the numbers come from"
+    config = FlamingoConfig.from_yaml(text)  # unknown keys raise ConfigError
+    assert FlamingoConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("name", sorted(OPENFLAMINGO))
+def test_openflamingo_init_presets(name):
+    lm, every = OPENFLAMINGO[name]
+    config = FlamingoConfig.from_yaml((STAGES / "init" / f"{name}.yaml").read_text(encoding="utf-8"))
+    assert config.lm.path == lm
+    assert config.encoder.name == "vit_large_patch14_clip_224.openai"
+    assert config.encoder.keep_cls is False and config.encoder.final_norm is False
+    r = config.resampler
+    assert (r.dim, r.depth, r.heads, r.dim_head, r.num_latents, r.ff_mult, r.max_frames, r.activation) == (
+        1024, 6, 8, 64, 64, 4, 0, "gelu")
+    x = config.xattn
+    assert (x.every, x.placement, x.heads, x.dim_head, x.ff_mult, x.masking) == (
+        every, "openflamingo", 8, 64, 4, "last_image")
+
+
+# -- pretrain -------------------------------------------------------------------------------------
+
+def _command_options():
+    """The real option names once `flamingo pretrain` exists; None before."""
+    from flamingo_cli.cli import cli
+
+    command = getattr(cli, "commands", {}).get("pretrain")
+    return None if command is None else {p.name for p in command.params if p.name}
+
+
+def test_pretrain_presets_exist():
+    names = {p.stem for p in PRETRAIN_PRESETS}
+    assert {"tiny", "paper-mixture", *OPENFLAMINGO} <= names
+
+
+@pytest.mark.parametrize("path", PRETRAIN_PRESETS, ids=lambda p: p.stem)
+def test_pretrain_preset_keys_are_options(path):
+    assert path.read_text(encoding="utf-8").startswith("#"), f"{path.name}: start with a comment"
+    keys = {str(k).replace("-", "_") for k in _load(path)}
+    assert keys <= PRETRAIN_OPTIONS, f"{path.name}: not options: {sorted(keys - PRETRAIN_OPTIONS)}"
+    real = _command_options()
+    if real is not None:
+        assert keys <= real, f"{path.name}: not options of flamingo pretrain: {sorted(keys - real)}"
+
+
+@pytest.mark.parametrize("path", PRETRAIN_PRESETS, ids=lambda p: p.stem)
+def test_pretrain_preset_values(path):
+    data = _load(path)
+    shards = _pairs(data["data"], "data")
+    for name, pattern in shards.items():
+        assert pattern.endswith(".tar") or "{" in pattern, f"data {name}: {pattern!r} is not a shard pattern"
+        assert pattern.count("{") == pattern.count("}"), f"data {name}: unbalanced braces in {pattern!r}"
+    for key, cast in (("weight", float), ("batch", int)):
+        if key in data:
+            values = _pairs(data[key], key)
+            assert set(values) <= set(shards), f"{key} names datasets not in data: {sorted(set(values) - set(shards))}"
+            for name, value in values.items():
+                assert cast(value) > 0, f"{key} {name}={value}"
+    if "dtype" in data:
+        assert data["dtype"] in ("float32", "bfloat16")
+    for key in ("steps", "warmup", "save_every", "window", "max_images", "workers", "seed"):
+        if key in data:
+            assert isinstance(data[key], int) and not isinstance(data[key], bool), f"{key} must be an int"
+    for key in ("lr", "weight_decay", "grad_clip", "gate_lr_mult", "p_next"):
+        if key in data:
+            assert isinstance(data[key], (int, float)) and not isinstance(data[key], bool), f"{key} must be a number"
+    if "grad_checkpointing" in data:
+        assert isinstance(data["grad_checkpointing"], bool)
+
+
+def test_paper_mixture():
+    data = _load(STAGES / "pretrain" / "paper-mixture.yaml")
+    weights = {k: float(v) for k, v in _pairs(data["weight"], "weight").items()}
+    assert weights == {"m3w": 1.0, "align": 0.2, "ltip": 0.2, "vtp": 0.03}
+    batches = {k: int(v) for k, v in _pairs(data["batch"], "batch").items()}
+    assert batches == {"m3w": 256, "align": 512, "ltip": 512, "vtp": 64}
+    assert (data["lr"], data["warmup"], data["weight_decay"], data["grad_clip"]) == (1e-4, 5000, 0.1, 1.0)
+    assert (data["window"], data["max_images"], data["p_next"], data["dtype"]) == (256, 5, 0.5, "bfloat16")
+
+
+@pytest.mark.parametrize("name", sorted(OPENFLAMINGO))
+def test_openflamingo_pretrain_presets(name):
+    data = _load(STAGES / "pretrain" / f"{name}.yaml")
+    assert set(_pairs(data["data"], "data")) == {"mmc4", "laion"}
+    weights = {k: float(v) for k, v in _pairs(data["weight"], "weight").items()}
+    assert weights == {"mmc4": 1.0, "laion": 0.2}
+    batches = {k: int(v) for k, v in _pairs(data["batch"], "batch").items()}
+    assert batches["laion"] == 2 * batches["mmc4"]
+    assert (data["lr"], data["weight_decay"], data["grad_clip"], data["dtype"]) == (1e-4, 0.1, 1.0, "bfloat16")
+    assert (data["window"], data["max_images"], data["p_next"]) == (256, 5, 0.5)
+
+
+def test_tiny_pretrain_preset():
+    data = _load(STAGES / "pretrain" / "tiny.yaml")
+    assert _pairs(data["data"], "data") == {"pairs": "shards/pairs-{000000..000001}.tar",
+                                            "docs": "shards/docs-{000000..000001}.tar"}
+    assert data["dtype"] == "float32" and data["workers"] == 0 and data["steps"] == 20
+
+
+# -- SLURM launcher -------------------------------------------------------------------------------
+
+@pytest.fixture
+def launcher(tmp_path):
+    """Run slurm.sbatch with fake torchrun/srun/scontrol on PATH that leave a marker if called."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    marker = tmp_path / "executed"
+    for tool in ("torchrun", "srun", "scontrol"):
+        (fake / tool).write_text(f"#!/bin/sh\necho {tool} \"$@\" >> '{marker}'\n")
+        (fake / tool).chmod(0o755)
+    (fake / "flamingo").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "flamingo").chmod(0o755)
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith("SLURM_") and k not in ("NNODES", "GPUS_PER_NODE", "PRESET", "CKPT", "RUN_DIR",
+                                                          "EXTRA_ARGS", "MASTER_PORT", "DRY_RUN")}
+    base["PATH"] = f"{fake}:{os.environ.get('PATH', '')}"
+
+    def run(*args, **env):
+        r = subprocess.run(["bash", str(SBATCH), *args], cwd=tmp_path, env={**base, **env},
+                           capture_output=True, text=True, timeout=30)
+        assert not marker.exists(), f"the dry run executed something: {marker.read_text()}"
+        return r
+
+    run.fake = fake
+    return run
+
+
+def test_sbatch_syntax():
+    assert shutil.which("bash")
+    subprocess.run(["bash", "-n", str(SBATCH)], check=True)
+    text = SBATCH.read_text(encoding="utf-8")
+    assert "set -euo pipefail" in text
+    for directive in ("--nodes=1", "--ntasks-per-node=1", "--gpus-per-node", "--cpus-per-task", "--time",
+                      "--output"):
+        assert f"#SBATCH {directive}" in text
+
+
+def test_sbatch_dry_run_single_node(launcher):
+    r = launcher(DRY_RUN="1", NNODES="1")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 1, r.stdout
+    line = lines[0]
+    for part in ("torchrun --standalone", "--nproc_per_node 8", " pretrain ", "--config openflamingo-3b"):
+        assert part in line, line
+    assert not line.startswith("srun")
+    assert str(launcher.fake / "flamingo") in line  # the console script torchrun runs
+
+
+def test_sbatch_dry_run_flag_and_knobs(launcher):
+    r = launcher("--dry-run", "--seed", "3", NNODES="1", GPUS_PER_NODE="2", PRESET="tiny",
+                 EXTRA_ARGS="--steps 7 --lr 0.01")
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.strip()
+    assert "\n" not in line
+    assert "--nproc_per_node 2" in line and "--config tiny" in line
+    assert line.endswith("--steps 7 --lr 0.01 --seed 3"), line
+
+
+def test_sbatch_dry_run_multi_node(launcher):
+    r = launcher(DRY_RUN="1", NNODES="2", GPUS_PER_NODE="4", PRESET="openflamingo-9b", EXTRA_ARGS="--workers 6")
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.strip()
+    assert line.startswith("srun torchrun --nnodes 2 --nproc_per_node 4 "), line
+    assert "--rdzv_backend c10d --rdzv_endpoint localhost:29500 --rdzv_id local" in line
+    assert "--standalone" not in line
+    assert " pretrain " in line and "--config openflamingo-9b" in line
+    assert line.endswith("--workers 6")
+
+
+def test_sbatch_dry_run_multi_node_under_slurm(launcher):
+    """Under SLURM the head is the allocation's first host and the job id names the rendezvous."""
+    (launcher.fake / "scontrol").write_text("#!/bin/sh\nprintf 'node-a\\nnode-b\\n'\n")
+    r = launcher(DRY_RUN="1", SLURM_NNODES="2", SLURM_JOB_NODELIST="node-[a-b]", SLURM_JOB_ID="1234",
+                 MASTER_PORT="29600")
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.strip()
+    assert "--nnodes 2" in line and "--rdzv_endpoint node-a:29600 --rdzv_id 1234" in line
+    assert "runs/openflamingo-3b-1234" in line
+
+
+def test_sbatch_without_flamingo_fails_outside_dry_run(launcher):
+    (launcher.fake / "flamingo").unlink()
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                           if p and not (Path(p) / "flamingo").exists())
+    r = launcher(NNODES="1", PATH=f"{launcher.fake}{os.pathsep}{path}")
+    assert r.returncode == 1 and "flamingo" in r.stderr and r.stdout == ""
