@@ -59,26 +59,26 @@ def _quiet_libraries(quiet: bool = False) -> None:
         hf_logging.disable_progress_bar()
 
 
-def _load_yaml_config(path: str | None):
+def _load_yaml_config(name_or_file: str | None):
+    """An init preset by name (stages/init/NAME.yaml) or file, as a FlamingoConfig."""
     from .config import FlamingoConfig
+    from .errors import ConfigError
+    from .presets import preset_path
 
-    if path is None:
+    if name_or_file is None:
         return FlamingoConfig()
+    path = preset_path("init", name_or_file)
     try:
-        text = open(path, encoding="utf-8").read()
+        return FlamingoConfig.from_yaml(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise click.ClickException(f"{path}: {e.strerror}") from None
-    from .errors import ConfigError
-
-    try:
-        return FlamingoConfig.from_yaml(text)
     except ConfigError as e:
         raise click.ClickException(f"{path}: {e}") from None
 
 
 @cli.command(short_help="Create an untrained checkpoint.")
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
-              help="A FlamingoConfig YAML preset, e.g. stages/init/tiny.yaml.")
+@click.option("-c", "--config", "config_path",
+              help="A FlamingoConfig preset: NAME (stages/init/NAME.yaml, e.g. tiny, openflamingo-3b) or YAML FILE.")
 @click.option("--lm", help="The frozen causal LM: a local directory (or a hub id when online).")
 @click.option("--lm-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="dtype the frozen LM is held in.")
 @click.option("--encoder", help="timm model name of the frozen vision encoder.")
@@ -304,7 +304,8 @@ def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, worke
     `features` (PATH.safetensors#features, shaped frames x tokens x dim) and `encoder`.
     Features are cached by image content and encoder, so re-encoding is free.
     Records are written as each batch finishes. With --wds, it also writes feature
-    shards for `flamingo pretrain` (then records come at the end, `features` a list).
+    shards for `flamingo pretrain` (records then come at the end; a document's
+    `features` is a list, one reference per entry of its `images`).
     Runs as a single process.
     """
     from pathlib import Path

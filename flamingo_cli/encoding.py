@@ -94,8 +94,9 @@ def write_feature_shards(encoder, identity: str, records: list[dict], pattern: s
                          maxcount: int = 1000, on_batch=None, **encode_kw) -> list[dict]:
     """Encode every record's media (through the feature cache) and write webdataset shards of
     records plus features, for `flamingo pretrain`. Each shard appears under its final name
-    only once complete. Returns the records written, with `features` (a list of references)
-    and `encoder`; a record with a skipped (unreadable) image is left out."""
+    only once complete. Returns the records written, with `encoder` and `features`: a
+    reference, or a list of them for a record with an `images` list. A record with a
+    skipped (unreadable) image is left out."""
     import os
 
     import webdataset as wds
@@ -116,4 +117,5 @@ def write_feature_shards(encoder, identity: str, records: list[dict], pattern: s
         for i in complete:
             features = [load_ref(ref, encoder=identity)[0] for ref in refs[i]]
             sink.write(feature_sample(f"{i:09d}", records[i], features, identity))
-    return [{**records[i], "features": refs[i], "encoder": identity} for i in complete]
+    return [{**records[i], "features": refs[i] if "images" in records[i] else refs[i][0], "encoder": identity}
+            for i in complete]

@@ -147,9 +147,34 @@ class Trainer:
                                                 ignore_index=-100, reduction="sum")
         return nll * self.dist.world / max(1, global_tokens)
 
+    def accumulate(self, streams: dict[str, ExampleStream]) -> tuple[dict[str, float], int, int]:
+        """Gradients of sum_m lambda_m * NLL_m from one global batch of every dataset. Returns
+        each dataset's loss, and the tokens and examples seen."""
+        model = self.model
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, tokens, examples = {}, 0, 0
+        for i, spec in enumerate(self.specs):
+            full = streams[spec.name].next_batch()
+            foreign = {e for _, _, e in full} - {None, model.encoder_id}
+            if foreign:
+                raise FlamingoError(f"dataset {spec.name}: features made by encoder {foreign.pop()}, "
+                                    f"but this checkpoint's encoder is {model.encoder_id}")
+            global_tokens = sum(sum(label != -100 for label in ex.labels[1:]) for ex, _, _ in full)
+            batch = to_tensors(full[self.dist.rank::self.dist.world], model.pad_token_id)
+            # DDP: only the last backward of the step all-reduces the accumulated gradients.
+            last = i == len(self.specs) - 1
+            with contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync():
+                loss = self._loss(batch, global_tokens)
+                (spec.weight * loss).backward()
+            losses[spec.name] = self._global_mean(loss.detach())
+            tokens += global_tokens
+            examples += len(full)
+            self.positions[spec.name] = streams[spec.name].stats.position
+        return losses, tokens, examples
+
     def train(self, streams: dict[str, ExampleStream], progress=None) -> None:
         """Run from self.step to config.steps, saving every save_every steps and at the end."""
-        config, model, pad = self.config, self.model, self.model.pad_token_id
+        config, model = self.config, self.model
         trainable = model.trainable_parameters()
         model.train()
         metrics = self.run_dir / METRICS_FILE
@@ -158,25 +183,7 @@ class Trainer:
             lr = learning_rate(self.step, config)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * group["lr_mult"]
-            self.optimizer.zero_grad(set_to_none=True)
-            losses, tokens, examples = {}, 0, 0
-            for i, spec in enumerate(self.specs):
-                full = streams[spec.name].next_batch()
-                global_tokens = sum(sum(label != -100 for label in ex.labels[1:]) for ex, _, _ in full)
-                foreign = {e for _, _, e in full} - {None, model.encoder_id}
-                if foreign:
-                    raise FlamingoError(f"dataset {spec.name}: features made by encoder {foreign.pop()}, "
-                                        f"but this checkpoint's encoder is {model.encoder_id}")
-                batch = to_tensors(full[self.dist.rank::self.dist.world], pad)
-                last = i == len(self.specs) - 1
-                sync = contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()
-                with sync:
-                    loss = self._loss(batch, global_tokens)
-                    (spec.weight * loss).backward()
-                losses[spec.name] = self._global_mean(loss.detach())
-                tokens += global_tokens
-                examples += len(full)
-                self.positions[spec.name] = streams[spec.name].stats.position
+            losses, tokens, examples = self.accumulate(streams)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
             self.optimizer.step()
             self.step += 1

@@ -19,8 +19,8 @@ INIT_PRESETS = sorted((STAGES / "init").glob("*.yaml"))
 PRETRAIN_PRESETS = sorted((STAGES / "pretrain").glob("*.yaml"))
 
 PRETRAIN_OPTIONS = {"data", "weight", "batch", "steps", "lr", "warmup", "weight_decay", "grad_clip",
-                    "gate_lr_mult", "save_every", "dtype", "grad_checkpointing", "window", "max_images",
-                    "p_next", "workers", "seed"}
+                    "gate_lr_mult", "save_every", "dtype", "window", "max_images",
+                    "p_next", "seed"}
 
 OPENFLAMINGO = {  # released models: (LM, cross-attention every N layers)
     "openflamingo-3b": ("mosaicml/mpt-1b-redpajama-200b", 1),
@@ -118,14 +118,12 @@ def test_pretrain_preset_values(path):
                 assert cast(value) > 0, f"{key} {name}={value}"
     if "dtype" in data:
         assert data["dtype"] in ("float32", "bfloat16")
-    for key in ("steps", "warmup", "save_every", "window", "max_images", "workers", "seed"):
+    for key in ("steps", "warmup", "save_every", "window", "max_images", "seed"):
         if key in data:
             assert isinstance(data[key], int) and not isinstance(data[key], bool), f"{key} must be an int"
     for key in ("lr", "weight_decay", "grad_clip", "gate_lr_mult", "p_next"):
         if key in data:
             assert isinstance(data[key], (int, float)) and not isinstance(data[key], bool), f"{key} must be a number"
-    if "grad_checkpointing" in data:
-        assert isinstance(data["grad_checkpointing"], bool)
 
 
 def test_paper_mixture():
@@ -154,7 +152,7 @@ def test_tiny_pretrain_preset():
     data = _load(STAGES / "pretrain" / "tiny.yaml")
     assert _pairs(data["data"], "data") == {"pairs": "shards/pairs-{000000..000001}.tar",
                                             "docs": "shards/docs-{000000..000001}.tar"}
-    assert data["dtype"] == "float32" and data["workers"] == 0 and data["steps"] == 20
+    assert data["dtype"] == "float32" and data["steps"] == 20
 
 
 # -- SLURM launcher -------------------------------------------------------------------------------
@@ -218,14 +216,14 @@ def test_sbatch_dry_run_flag_and_knobs(launcher):
 
 
 def test_sbatch_dry_run_multi_node(launcher):
-    r = launcher(DRY_RUN="1", NNODES="2", GPUS_PER_NODE="4", PRESET="openflamingo-9b", EXTRA_ARGS="--workers 6")
+    r = launcher(DRY_RUN="1", NNODES="2", GPUS_PER_NODE="4", PRESET="openflamingo-9b", EXTRA_ARGS="--steps 6")
     assert r.returncode == 0, r.stderr
     line = r.stdout.strip()
     assert line.startswith("srun torchrun --nnodes 2 --nproc_per_node 4 "), line
     assert "--rdzv_backend c10d --rdzv_endpoint localhost:29500 --rdzv_id local" in line
     assert "--standalone" not in line
     assert " pretrain " in line and "--config openflamingo-9b" in line
-    assert line.endswith("--workers 6")
+    assert line.endswith("--steps 6")
 
 
 def test_sbatch_dry_run_multi_node_under_slurm(launcher):
