@@ -498,6 +498,21 @@ def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, 
             bar.update(1)
 
 
+def _preset_entries_for(data: list[str], **named: tuple[str, ...]) -> list[list[str]]:
+    """A preset's per-dataset weights and batches apply to its own datasets: when --data on the
+    command line replaces them, entries for datasets no longer present are dropped, not errors."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    names = {item.partition("=")[0] for item in data}
+    out = []
+    for param, entries in named.items():
+        if ctx.get_parameter_source(param) == ParameterSource.DEFAULT_MAP:
+            entries = [e for e in entries if e.partition("=")[0] in names]
+        out.append(list(entries))
+    return out
+
+
 @cli.command(short_help="Train the resampler, gated cross-attention and new token rows.")
 @click.option("-c", "--config", callback=_load_preset, is_eager=True, expose_value=False,
               help="Preset NAME (stages/pretrain/NAME.yaml) or YAML FILE of option defaults.")
@@ -559,7 +574,7 @@ def pretrain(ckpt, run_dir, resume, data, weight, batch, steps, lr, warmup, weig
     run = Path(run_dir)
     resumed = resume and (run / CHECKPOINT_DIR / "config.yaml").exists()
     source = run / CHECKPOINT_DIR if resumed else Path(_checkpoint(ckpt))
-    specs = parse_specs(list(data), list(weight), list(batch))
+    specs = parse_specs(list(data), *_preset_entries_for(list(data), weight=weight, batch=batch))
     config = TrainConfig(steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip,
                          gate_lr_mult=gate_lr_mult, save_every=save_every, dtype=dtype, seed=seed)
     torch.manual_seed(seed)

@@ -84,7 +84,12 @@ def _raw_samples(urls: list[str], seed: int, log) -> Iterator[dict]:
     while True:
         order = list(urls)
         random.Random(f"{seed}\0epoch\0{epoch}").shuffle(order)
-        yield from tarfile_samples(shardlist(order), handler=warn)
+        count = 0
+        for sample in tarfile_samples(shardlist(order), handler=warn):
+            count += 1
+            yield sample
+        if count == 0:  # a whole pass yielded nothing: looping again would never end
+            raise FlamingoError(f"{urls[0]}: no readable samples in {len(urls)} shard(s)")
         epoch += 1
 
 

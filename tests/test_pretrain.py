@@ -1,0 +1,230 @@
+"""Pretraining: the mixture objective, resume equality, DDP equality, and the example Makefile."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+
+
+def draw_folder(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, colour in enumerate(COLOURS):
+        image = Image.new("RGB", (48, 48), "gray")
+        shape = "circle" if i % 2 else "square"
+        (ImageDraw.Draw(image).ellipse if i % 2 else ImageDraw.Draw(image).rectangle)((8, 8, 40, 40), fill=colour)
+        image.save(folder / f"{i}-{colour}.png")
+        (folder / f"{i}-{colour}.txt").write_text(f"a {colour} {shape}")
+    return folder
+
+
+def run(args, cwd, env, check=True, **kw):
+    r = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, **kw)
+    if check:
+        assert r.returncode == 0, f"{args}\n{r.stderr[-3000:]}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory, lm_dir):
+    """Feature shards of pairs and documents, and an untrained tiny checkpoint."""
+    from flamingo_cli.checkpoint import new_model, save_checkpoint
+    from flamingo_cli.config import FlamingoConfig
+
+    root = tmp_path_factory.mktemp("pretrain")
+    config = FlamingoConfig.from_yaml((ROOT / "stages/init/tiny.yaml").read_text())
+    config.lm.path = str(lm_dir("llama"))
+    save_checkpoint(new_model(config, seed=0), root / "ckpt", embed_lm=True, embed_encoder=True)
+    draw_folder(root / "images")
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+           "FLAMINGO_CACHE": str(root / "cache"), "FLAMINGO_CKPT": str(root / "ckpt"), "OMP_NUM_THREADS": "1"}
+    run([sys.executable, str(ROOT / "examples/pretrain/records_from_folder.py"), "images", "."], root, env)
+    for name in ("pairs", "docs"):
+        run(["bash", "-c", f"flamingo encode --wds shards/{name}-%06d.tar --shard-size 4 < {name}.jsonl > /dev/null"],
+            root, env)
+    return root, env
+
+
+def args(steps, run_dir, *extra):
+    return ["flamingo", "pretrain", "-c", "tiny", "--run-dir", run_dir, "--steps", str(steps), "-q",
+            "--data", "pairs=shards/pairs-{000000..000001}.tar", "--data", "docs=shards/docs-000000.tar", *extra]
+
+
+def metrics(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_resume_is_bitwise_identical(toy):
+    root, env = toy
+    run(args(6, "straight", "--save-every", "3"), root, env)
+    run(args(3, "resumed", "--save-every", "3"), root, env)
+    run(args(6, "resumed", "--save-every", "3", "--resume"), root, env)
+    a = load_file(str(root / "straight/checkpoint/model.safetensors"))
+    b = load_file(str(root / "resumed/checkpoint/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["loss"] for m in metrics(root / "straight/metrics.jsonl")] == \
+        [m["loss"] for m in metrics(root / "resumed/metrics.jsonl")]
+
+
+
+def test_a_crash_between_checkpoints_is_redone_once(toy):
+    root, env = toy
+    run(args(2, "crashed", "--save-every", "2"), root, env)
+    rows = metrics(root / "crashed/metrics.jsonl")
+    with open(root / "crashed/metrics.jsonl", "a") as f:  # step 3 was logged, then the process died
+        f.write(json.dumps({**rows[-1], "step": 3, "loss": {"pairs": -1.0, "docs": -1.0}}) + "\n")
+    run(args(4, "crashed", "--save-every", "2", "--resume"), root, env)
+    rows = metrics(root / "crashed/metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(v > 0 for r in rows for v in r["loss"].values())
+    state = torch.load(root / "crashed/checkpoint/trainer_state.pt", weights_only=True)
+    assert state["step"] == 4 and set(state["positions"]) == {"pairs", "docs"}
+
+
+def test_two_processes_match_one_with_the_same_global_batch(toy):
+    root, env = toy
+    run(args(4, "single"), root, env)
+    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(BIN / "flamingo")]
+    run(torchrun + args(4, "ddp")[1:], root, env, timeout=600)
+    one, two = metrics(root / "single/metrics.jsonl"), metrics(root / "ddp/metrics.jsonl")
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):  # same data, same global batch: equal up to float summation order
+        for name in a["loss"]:
+            assert abs(a["loss"][name] - b["loss"][name]) < 1e-4, (a["step"], name)
+    wa = load_file(str(root / "single/checkpoint/model.safetensors"))
+    wb = load_file(str(root / "ddp/checkpoint/model.safetensors"))
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
+
+
+def _trainer(toy_root, weights):
+    from flamingo_cli.checkpoint import load_checkpoint
+    from flamingo_cli.data import ExampleStream, parse_specs
+    from flamingo_cli.sampling import SamplingConfig
+    from flamingo_cli.training import TrainConfig, Trainer
+
+    model = load_checkpoint(toy_root / "ckpt", with_encoder=False)
+    specs = parse_specs([f"pairs={toy_root}/shards/pairs-{{000000..000001}}.tar", f"docs={toy_root}/shards/docs-000000.tar"],
+                        [f"pairs={weights[0]}", f"docs={weights[1]}"], ["pairs=4", "docs=2"])
+    sampling = SamplingConfig(window=64, max_images=3)
+    trainer = Trainer(model, specs, sampling, TrainConfig(), toy_root / "unused")
+    streams = {s.name: ExampleStream(s, model.tokenizer, sampling, seed=0) for s in specs}
+    return trainer, streams
+
+
+def test_lambda_scales_each_datasets_contribution(toy):
+    root, _ = toy
+    grads = {}
+    for weights in [(1.0, 0.0), (0.0, 1.0), (0.3, 2.0)]:
+        trainer, streams = _trainer(root, weights)
+        losses, _, _ = trainer.accumulate(streams)
+        grads[weights] = [p.grad.clone() for p in trainer.model.trainable_parameters()]
+        assert all(p.grad is None for p in trainer.model.lm.parameters())
+    for pairs, docs, mixed in zip(grads[(1.0, 0.0)], grads[(0.0, 1.0)], grads[(0.3, 2.0)]):
+        assert torch.allclose(mixed, 0.3 * pairs + 2.0 * docs, atol=1e-6, rtol=1e-4)
+    assert any(float(g.abs().max()) > 0 for g in grads[(0.0, 1.0)])
+    assert any(float(g.abs().max()) > 0 for g in grads[(1.0, 0.0)])
+
+
+def test_only_trainable_parts_get_optimizer_state_and_decay_rules(toy):
+    root, _ = toy
+    trainer, _ = _trainer(root, (1.0, 1.0))
+    model = trainer.model
+    in_optimizer = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    assert {id(p) for p in in_optimizer} == {id(p) for p in model.trainable_parameters()}
+    assert len(in_optimizer) == len(model.trainable_parameters())
+    decay = {id(p): group["weight_decay"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert all(decay[id(p)] == 0.0 for p in model.resampler.parameters())
+    assert all(decay[id(b.attn_gate)] == 0.0 for b in model.xattn.values())
+    assert all(decay[id(p)] == 0.1 for p in model.xattn["0"].attn.parameters())
+
+
+def test_metrics_hold_losses_rates_and_every_gate(toy):
+    root, env = toy
+    run(args(3, "metrics", "--warmup", "4", "--lr", "0.002"), root, env)
+    rows = metrics(root / "metrics/metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["lr"] for r in rows] == pytest.approx([0.0005, 0.001, 0.0015])
+    for r in rows:
+        assert set(r["loss"]) == {"pairs", "docs"} and all(v > 0 for v in r["loss"].values())
+        assert r["weighted_loss"] == pytest.approx(0.2 * r["loss"]["pairs"] + 1.0 * r["loss"]["docs"])
+        assert r["tokens_per_s"] > 0 and r["examples_per_s"] > 0
+        assert set(r["gates"]) == {"0", "2"} and all(set(g) == {"attn", "ffw"} for g in r["gates"].values())
+    assert rows[0]["gates"]["0"]["attn"] != 0.0, "gates move from 0 after the first step"
+
+
+def test_training_from_features_never_loads_the_encoder(toy, monkeypatch):
+    from click.testing import CliRunner
+
+    import flamingo_cli.checkpoint as checkpoint
+    from flamingo_cli.cli import cli
+
+    root, env = toy
+
+    def refuse(*a, **k):
+        raise AssertionError("the vision encoder was loaded")
+
+    monkeypatch.setattr(checkpoint, "load_encoder", refuse)
+    monkeypatch.setattr(checkpoint, "load_checkpoint_encoder", refuse)
+    monkeypatch.chdir(root)
+    result = CliRunner().invoke(cli, args(2, "features-only")[1:] + ["--ckpt", str(root / "ckpt")], env=env)
+    assert result.exit_code == 0, result.output
+    assert len(metrics(root / "features-only/metrics.jsonl")) == 2
+
+
+def test_raw_image_shards_are_encoded_on_the_fly_and_bad_samples_skipped(toy):
+    import webdataset as wds
+
+    root, env = toy
+    (root / "raw").mkdir(exist_ok=True)
+    with wds.TarWriter(str(root / "raw/pairs-000000.tar")) as sink:  # img2dataset's layout: jpg + txt
+        for i, colour in enumerate(COLOURS):
+            image = root / "images" / f"{i}-{colour}.png"
+            sink.write({"__key__": f"{i:06d}", "png": image.read_bytes(), "txt": f"a {colour} thing".encode()})
+            if i == 3:
+                sink.write({"__key__": "broken", "json": b"{not json"})
+    r = run(["flamingo", "pretrain", "-c", "tiny", "--run-dir", "raw-run", "--steps", "3", "-q",
+             "--data", "raw=raw/pairs-000000.tar", "--batch", "raw=4"], root, env)
+    rows = metrics(root / "raw-run/metrics.jsonl")
+    assert len(rows) == 3 and rows[-1]["bad_samples"]["raw"] >= 1
+    assert "skipping sample" in r.stderr
+
+
+def test_foreign_features_are_refused(toy, tmp_path):
+    from flamingo_cli.checkpoint import new_model, save_checkpoint
+    from flamingo_cli.config import EncoderConfig, FlamingoConfig
+
+    root, env = toy
+    config = FlamingoConfig.from_yaml((root / "ckpt/config.yaml").read_text())
+    config.lm.path = str(root / "ckpt/lm")
+    config.encoder = EncoderConfig(name="test_vit", kwargs={"img_size": 32})  # another encoder, same width
+    save_checkpoint(new_model(config, seed=1), tmp_path / "other", embed_encoder=True)
+    r = run(args(1, "foreign", "--ckpt", str(tmp_path / "other")), root, env, check=False)
+    assert r.returncode == 1 and "made by encoder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_mixture_flags_are_one_line_errors(toy):
+    root, env = toy
+    r = run(args(1, "bad", "--weight", "nope=1.0"), root, env, check=False)
+    assert r.returncode == 1 and "--weight names unknown dataset(s) nope" in r.stderr
+    r = run(["flamingo", "pretrain", "--run-dir", "bad2", "--data", "x=missing-{000..001}.tar"], root, env, check=False)
+    assert r.returncode == 1 and "missing-000.tar: no such shard" in r.stderr
+
+
+def test_the_example_makefile_runs_end_to_end(tmp_path):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    images = draw_folder(tmp_path / "images")
+    out = tmp_path / "out"
+    run(["make", "-C", str(ROOT / "examples/pretrain"), f"IMAGES={images}", f"OUT={out}",
+         f"PYTHON={sys.executable}"], ROOT, env, timeout=600)
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == len(COLOURS) and all("output" in a for a in answers)
+    assert len(metrics(out / "run/metrics.jsonl")) == 20
+    assert (out / "run/checkpoint/trainer_state.pt").exists()
