@@ -535,6 +535,8 @@ def _preset_entries_for(data: list[str], **named: tuple[str, ...]) -> list[list[
 @click.option("--save-every", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
               help="Autocast dtype of the forward pass; master weights stay float32.")
+@click.option("--grad-checkpointing", is_flag=True,
+              help="Recompute decoder layers and xattn blocks in backward: less memory, more compute.")
 @click.option("--window", type=click.IntRange(min=8), default=256, show_default=True,
               help="Tokens per interleaved sample.")
 @click.option("--max-images", type=click.IntRange(min=1), default=5, show_default=True,
@@ -545,7 +547,7 @@ def _preset_entries_for(data: list[str], **named: tuple[str, ...]) -> list[list[
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def pretrain(ckpt, run_dir, resume, data, weight, batch, steps, lr, warmup, weight_decay, grad_clip, gate_lr_mult,
-             save_every, dtype, window, max_images, p_next, device, seed, quiet):
+             save_every, dtype, grad_checkpointing, window, max_images, p_next, device, seed, quiet):
     """Pretrain on a weighted mixture of webdataset shards, as the paper does.
 
     Every step accumulates gradients from every dataset, each loss scaled by its
@@ -579,6 +581,7 @@ def pretrain(ckpt, run_dir, resume, data, weight, batch, steps, lr, warmup, weig
                          gate_lr_mult=gate_lr_mult, save_every=save_every, dtype=dtype, seed=seed)
     torch.manual_seed(seed)
     model = load_checkpoint(source, with_encoder=False).to(device)
+    model.set_activation_checkpointing(grad_checkpointing)
     encoder = []
 
     def encode_image(data: bytes):

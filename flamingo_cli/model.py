@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import END_OF_CHUNK_TOKEN, IMAGE_TOKEN, FlamingoConfig
 from .lm import PAD_TOKEN, add_special_tokens, attach_new_token_rows, decoder_layers, text_config, xattn_layer_indices
@@ -80,6 +82,7 @@ class Flamingo(nn.Module):
         lm._flamingo_wrapped = True
         self._cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
+        self.activation_checkpointing = False
         lm.register_forward_pre_hook(self._locate_chunk, with_kwargs=True)
         for i in self.xattn:
             layers[int(i)].register_forward_pre_hook(self._block_hook(i), with_kwargs=True)
@@ -120,11 +123,26 @@ class Flamingo(nn.Module):
                 if i not in ctx.kv:
                     ctx.kv[i] = block.attn.keys_values(ctx.visual.to(dtype))
                 kv, phi, m = ctx.kv[i], ctx.chunk_phi, ctx.visual.shape[1]
-            y = block(y.to(dtype), kv, phi, m).to(y.dtype)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # Explicit inputs: the recomputation in backward runs outside this call's media context.
+                y = checkpoint(block, y.to(dtype), kv, phi, m, use_reentrant=False).to(y.dtype)
+            else:
+                y = block(y.to(dtype), kv, phi, m).to(y.dtype)
             if args:
                 return (y, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": y}
         return hook
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Trade compute for memory in training: keep only the inputs of each decoder layer and
+        each GATED XATTN-DENSE block, and recompute their insides in backward. The layer's own
+        forward is checkpointed (not its __call__), so the block hooks run once, in forward."""
+        for layer in decoder_layers(self.lm):
+            if enabled and "forward" not in layer.__dict__:
+                layer.forward = functools.partial(_checkpointed, layer.forward)
+            elif not enabled:
+                layer.__dict__.pop("forward", None)
+        self.activation_checkpointing = enabled
 
     # -- media ------------------------------------------------------------------------
 
@@ -209,6 +227,12 @@ class Flamingo(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for prefix in ("resampler", "xattn", "new_tokens") for p in getattr(self, prefix).parameters()]
+
+
+def _checkpointed(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

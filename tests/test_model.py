@@ -310,3 +310,25 @@ def test_next_image_mode_attends_to_the_following_image(make_model):
         a = model(ids, visual, next_image=torch.tensor([True])).logits
         b = model(ids, changed, next_image=torch.tensor([True])).logits
     assert not torch.allclose(a[:, : positions[0]], b[:, : positions[0]]), "image 1 now reaches the text before it"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_activation_checkpointing_gives_the_same_gradients(make_model, family):
+    model = make_model(family, gates=0.5).train()
+    ids = ids_for(model, PROMPT)
+    features = torch.randn(1, 3, 1, 9, model.config.resampler.dim)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        lm_loss(model(ids, model.resample(features), next_image=torch.tensor([True])).logits, ids).backward()
+        return [p.grad.clone() for p in model.trainable_parameters()]
+
+    plain = grads()
+    model.set_activation_checkpointing(True)
+    recomputed = grads()
+    model.set_activation_checkpointing(False)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, recomputed))
+    assert all(p.grad is None for p in model.lm.parameters())
+    from flamingo_cli.lm import decoder_layers
+
+    assert all("forward" not in layer.__dict__ for layer in decoder_layers(model.lm))

@@ -19,7 +19,7 @@ INIT_PRESETS = sorted((STAGES / "init").glob("*.yaml"))
 PRETRAIN_PRESETS = sorted((STAGES / "pretrain").glob("*.yaml"))
 
 PRETRAIN_OPTIONS = {"data", "weight", "batch", "steps", "lr", "warmup", "weight_decay", "grad_clip",
-                    "gate_lr_mult", "save_every", "dtype", "window", "max_images",
+                    "gate_lr_mult", "save_every", "dtype", "grad_checkpointing", "window", "max_images",
                     "p_next", "seed"}
 
 OPENFLAMINGO = {  # released models: (LM, cross-attention every N layers)
