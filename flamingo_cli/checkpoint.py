@@ -181,13 +181,15 @@ def load_checkpoint_encoder(directory: str | Path) -> tuple[VisionEncoder, str]:
 
 
 def save_checkpoint(model: Flamingo, directory: str | Path, *, embed_lm: bool = False,
-                    embed_encoder: bool = False, extra: dict[str, bytes] | None = None) -> Path:
+                    embed_encoder: bool = False, extra: dict[str, bytes] | None = None,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the checkpoint directory atomically: a temp dir beside it, then a rename.
 
     embed_lm copies the LM directory in (lm/) and embed_encoder stores the encoder's
     weights, so the checkpoint runs on a machine that has neither. Parts embedded in the
     checkpoint the model was loaded from stay embedded. `extra` files (e.g. a trainer's
-    state) are written into the same directory, inside the same atomic rename.
+    state) are written into the same directory, inside the same atomic rename. `weights`
+    replaces the model's trainable state dict (e.g. gathered from FSDP shards).
     """
     from safetensors.torch import save_file
 
@@ -198,7 +200,8 @@ def save_checkpoint(model: Flamingo, directory: str | Path, *, embed_lm: bool = 
     embedded = [p for p in (directory, base) if p is not None]
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        state = {k: v.detach().float().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
+        weights = model.trainable_state_dict() if weights is None else weights
+        state = {k: v.detach().float().contiguous().cpu() for k, v in weights.items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
 
         lm_source = Path(_resolve(config.lm.path, base)).absolute()

@@ -535,6 +535,9 @@ def _preset_entries_for(data: list[str], **named: tuple[str, ...]) -> list[list[
 @click.option("--save-every", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
               help="Autocast dtype of the forward pass; master weights stay float32.")
+@click.option("--fsdp", is_flag=True,
+              help="Under torchrun: shard the model with FSDP2 (each LM layer, xattn block and the resampler) "
+                   "instead of replicating it with DDP, for LMs too large for one device.")
 @click.option("--grad-checkpointing", is_flag=True,
               help="Recompute decoder layers and xattn blocks in backward: less memory, more compute.")
 @click.option("--window", type=click.IntRange(min=8), default=256, show_default=True,
@@ -547,7 +550,7 @@ def _preset_entries_for(data: list[str], **named: tuple[str, ...]) -> list[list[
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def pretrain(ckpt, run_dir, resume, data, weight, batch, steps, lr, warmup, weight_decay, grad_clip, gate_lr_mult,
-             save_every, dtype, grad_checkpointing, window, max_images, p_next, device, seed, quiet):
+             save_every, dtype, fsdp, grad_checkpointing, window, max_images, p_next, device, seed, quiet):
     """Pretrain on a weighted mixture of webdataset shards, as the paper does.
 
     Every step accumulates gradients from every dataset, each loss scaled by its
@@ -596,7 +599,7 @@ def pretrain(ckpt, run_dir, resume, data, weight, batch, steps, lr, warmup, weig
     run.mkdir(parents=True, exist_ok=True)
     sampling = SamplingConfig(window=window, max_images=max_images, p_next=p_next)
     trainer = Trainer(model, specs, sampling, config, run, dist=dist, encode_image=encode_image, log=log,
-                      device=device)
+                      device=device, fsdp=fsdp)
     if resumed:
         trainer.load_state(source)
         truncate_metrics(run, trainer.step)

@@ -146,24 +146,19 @@ def to_tensors(batch: list[tuple], pad_id: int) -> dict:
     return tensors
 
 
-def visual_tokens(model, media: list[list], encode_image=None) -> torch.Tensor | None:
-    """Per-example media (feature tensors, or raw image bytes run through the frozen
-    encoder) -> (b, max media, latents, d) visual tokens, zero padded."""
-    from .media import pad_media
-
-    flat = [m for ms in media for m in ms]
-    if not flat:
+def batch_features(media: list[list], encode_image=None) -> torch.Tensor | None:
+    """Per-example media (feature tensors, or raw image bytes run through the frozen encoder)
+    -> (b, max media, frames, tokens, d), zero padded: padding is never attended."""
+    features = [[m if isinstance(m, torch.Tensor) else encode_image(m) for m in ms] for ms in media]
+    shapes = {tuple(f.shape) for fs in features for f in fs}
+    if not shapes:
         return None
-    features = [m if isinstance(m, torch.Tensor) else encode_image(m) for m in flat]
-    device = model.resampler.latents.device
-    # Media of the same shape (same frame count) are resampled together.
-    by_shape: dict[tuple, list[int]] = {}
-    for i, f in enumerate(features):
-        by_shape.setdefault(tuple(f.shape), []).append(i)
-    tokens: list = [None] * len(features)
-    for idx in by_shape.values():
-        for i, t in zip(idx, model.resample(torch.stack([features[i] for i in idx]).to(device))):
-            tokens[i] = t
-    it = iter(tokens)
-    return pad_media([torch.stack([next(it) for _ in ms]) if ms else tokens[0].new_zeros(0, *tokens[0].shape)
-                      for ms in media])
+    if len(shapes) > 1:
+        raise FlamingoError(f"one batch mixes media of shapes {sorted(shapes)}; keep videos of one length "
+                            "and images in separate datasets")
+    shape = shapes.pop()
+    out = torch.zeros(len(features), max(len(fs) for fs in features), *shape)
+    for i, fs in enumerate(features):
+        for j, f in enumerate(fs):
+            out[i, j] = f
+    return out

@@ -38,7 +38,7 @@ class MediaContext:
     phi: torch.Tensor  # (b, t) image index of the positions [start, start + t) known when the call began
     start: int = 0
     chunk_phi: torch.Tensor | None = None  # phi of the chunk the LM is running now
-    kv: dict = field(default_factory=dict)  # per block: the visual K/V, computed once per call
+    kv: dict = field(default_factory=dict)  # per block: its visual K/V, computed once per call
 
 
 # model key -> its MediaContext, for the calls running in this thread / task.
@@ -118,16 +118,15 @@ class Flamingo(nn.Module):
             ctx = self._context()
             block = self.xattn[i]
             dtype = block.ff_gate.dtype
-            kv, phi, m = None, None, 0
+            visual, phi, kv = None, None, None
             if ctx is not None and ctx.visual is not None:
-                if i not in ctx.kv:
-                    ctx.kv[i] = block.attn.keys_values(ctx.visual.to(dtype))
-                kv, phi, m = ctx.kv[i], ctx.chunk_phi, ctx.visual.shape[1]
+                visual, phi, kv = ctx.visual.to(dtype), ctx.chunk_phi, ctx.kv
             if self.activation_checkpointing and torch.is_grad_enabled():
                 # Explicit inputs: the recomputation in backward runs outside this call's media context.
-                y = checkpoint(block, y.to(dtype), kv, phi, m, use_reentrant=False).to(y.dtype)
+                # No K/V cache: the recomputation must redo exactly what the forward did.
+                y = checkpoint(block, y.to(dtype), visual, phi, None, use_reentrant=False).to(y.dtype)
             else:
-                y = block(y.to(dtype), kv, phi, m).to(y.dtype)
+                y = block(y.to(dtype), visual, phi, kv).to(y.dtype)
             if args:
                 return (y, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": y}
@@ -170,15 +169,20 @@ class Flamingo(nn.Module):
             )
 
     def forward(self, input_ids: torch.Tensor, visual: torch.Tensor | None = None, *,
-                attention_mask: torch.Tensor | None = None, images_before: torch.Tensor | None = None,
-                next_image: torch.Tensor | None = None, cache=None, use_cache: bool = False):
+                features: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                images_before: torch.Tensor | None = None, next_image: torch.Tensor | None = None,
+                cache=None, use_cache: bool = False):
         """Next-token logits for input_ids (b, t) conditioned on visual tokens (b, m, l, d).
 
         With a `cache` from an earlier call, input_ids continue that sequence and
         `images_before` (b,) counts the <image> tokens already in it. `next_image` (b,) bool
         makes a training sequence's text attend to the next image instead (the paper's p_next).
+        Instead of visual tokens, `features` (b, m, f, n, d) may be given; they are resampled
+        here, inside the forward, which is what sharded (FSDP) training needs.
         Returns the LM's output (`.logits`, and the cache when use_cache).
         """
+        if features is not None:
+            visual = self.resample(features)
         phi = image_index(input_ids, self.image_token_id, images_before, next_image)
         self._check_media(phi, visual)
         ctx = MediaContext(visual=visual, phi=phi, start=_cache_length({"cache": cache}))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .data import DatasetSpec, ExampleStream, to_tensors, visual_tokens
+from .data import DatasetSpec, ExampleStream, batch_features, to_tensors
 from .errors import FlamingoError
 from .sampling import SamplingConfig
 
@@ -79,7 +79,7 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 class Trainer:
     def __init__(self, model, specs: list[DatasetSpec], sampling: SamplingConfig, config: TrainConfig,
                  run_dir: str | Path, *, dist: Distributed | None = None, encode_image=None, log=None,
-                 device: str = "cpu"):
+                 device: str = "cpu", fsdp: bool = False):
         self.model, self.specs, self.config = model, specs, config
         self.run_dir = Path(run_dir)
         self.dist = dist or Distributed()
@@ -89,11 +89,14 @@ class Trainer:
             if spec.batch < self.dist.world:
                 raise FlamingoError(f"dataset {spec.name}: global batch {spec.batch} is smaller than "
                                     f"the {self.dist.world} processes")
+        self.fsdp = fsdp and self.dist.world > 1
+        if self.fsdp:
+            shard(model, torch.device(device).type, self.dist.world)
         self.optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.lr, betas=(0.9, 0.999))
         self.step = 0
         self.positions = {spec.name: 0 for spec in specs}
         self.ddp = None
-        if self.dist.world > 1:
+        if self.dist.world > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
             self.ddp = DistributedDataParallel(model, device_ids=None if device == "cpu" else [self.dist.local_rank])
@@ -101,9 +104,17 @@ class Trainer:
     # -- state --------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "positions": dict(self.positions),
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                "config": dict(self.config.__dict__)}
+        """Collective under FSDP: every rank must call it."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            optimizer = get_optimizer_state_dict(self.model, self.optimizer,
+                                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            optimizer = self.optimizer.state_dict()
+        return {"step": self.step, "optimizer": optimizer, "sharded_optimizer": self.fsdp,
+                "positions": dict(self.positions), "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(), "config": dict(self.config.__dict__)}
 
     def load_state(self, directory: Path) -> None:
         path = directory / STATE_FILE
@@ -114,7 +125,16 @@ class Trainer:
         missing = sorted(set(self.positions) - set(state["positions"]))
         if missing:
             raise FlamingoError(f"{path}: no data position for dataset(s) {', '.join(missing)}")
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("sharded_optimizer", False) != self.fsdp:
+            raise FlamingoError(f"{path}: this run was {'' if state.get('sharded_optimizer') else 'not '}trained "
+                                "with --fsdp; resume it the same way")
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
         self.positions = {name: state["positions"][name] for name in self.positions}
         torch.set_rng_state(state["torch_rng"])
@@ -123,11 +143,16 @@ class Trainer:
     def save(self) -> None:
         from .checkpoint import save_checkpoint
 
+        # Under FSDP, gathering the full weights and optimizer state takes every rank.
+        weights = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
+                   for k, v in self.model.trainable_state_dict().items()}
+        state = self.state_dict()
         if self.dist.rank != 0:
             return
         buffer = io.BytesIO()
-        torch.save(self.state_dict(), buffer)
-        save_checkpoint(self.model, self.run_dir / CHECKPOINT_DIR, extra={STATE_FILE: buffer.getvalue()})
+        torch.save(state, buffer)
+        save_checkpoint(self.model, self.run_dir / CHECKPOINT_DIR, extra={STATE_FILE: buffer.getvalue()},
+                        weights=weights)
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -136,11 +161,12 @@ class Trainer:
         gradients over ranks, so scaling by the world size gives the global mean exactly."""
         model = self.ddp or self.model
         ids = batch["input_ids"].to(self.device)
-        visual = visual_tokens(self.model, batch["media"], self.encode_image)
+        features = batch_features(batch["media"], self.encode_image)
+        features = None if features is None else features.to(self.device)
         kind = torch.device(self.device).type
         dtype = None if self.config.dtype == "float32" else getattr(torch, self.config.dtype)
         with torch.autocast(device_type=kind, dtype=dtype, enabled=dtype is not None):
-            logits = model(ids, visual, attention_mask=batch["attention_mask"].to(self.device),
+            logits = model(ids, features=features, attention_mask=batch["attention_mask"].to(self.device),
                            next_image=batch["next_image"].to(self.device)).logits
         labels = batch["labels"].to(self.device)[:, 1:]
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
@@ -161,8 +187,10 @@ class Trainer:
                                     f"but this checkpoint's encoder is {model.encoder_id}")
             global_tokens = sum(sum(label != -100 for label in ex.labels[1:]) for ex, _, _ in full)
             batch = to_tensors(full[self.dist.rank::self.dist.world], model.pad_token_id)
-            # DDP: only the last backward of the step all-reduces the accumulated gradients.
+            # Only the last backward of the step all-reduces (DDP) or reduce-scatters (FSDP) gradients.
             last = i == len(self.specs) - 1
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(last)
             with contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync():
                 loss = self._loss(batch, global_tokens)
                 (spec.weight * loss).backward()
@@ -188,13 +216,15 @@ class Trainer:
             self.optimizer.step()
             self.step += 1
             seconds = time.perf_counter() - start
+            # Collective under FSDP (gathers shards): every rank computes them.
+            gates = gate_values(model)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             if self.dist.rank == 0:
                 record = {"step": self.step, "lr": lr, "loss": losses,
                           "weighted_loss": sum(s.weight * losses[s.name] for s in self.specs),
-                          "grad_norm": float(grad_norm), "tokens_per_s": tokens / seconds,
+                          "grad_norm": grad_norm, "tokens_per_s": tokens / seconds,
                           "examples_per_s": examples / seconds,
-                          "gates": {i: {"attn": float(b.attn_gate.detach().tanh()), "ffw": float(b.ff_gate.detach().tanh())}
-                                    for i, b in model.xattn.items()},
+                          "gates": gates,
                           "bad_samples": {n: s.stats.bad for n, s in streams.items()},
                           "empty_windows": {n: s.stats.empty for n, s in streams.items()}}
                 with open(metrics, "a", encoding="utf-8") as f:
@@ -207,11 +237,35 @@ class Trainer:
 
     def _global_mean(self, loss: torch.Tensor) -> float:
         """This dataset's loss over the whole global batch (the ranks' slices already carry the scaling)."""
-        if self.ddp is not None:
+        if self.dist.world > 1:
             loss = loss.clone()
             torch.distributed.all_reduce(loss)
             return float(loss) / self.dist.world
         return float(loss)
+
+
+def gate_values(model) -> dict:
+    """tanh of every gate, per xattn layer: the curves the paper plots."""
+    def value(p):
+        p = p.detach()
+        return float((p.full_tensor() if hasattr(p, "full_tensor") else p).tanh())
+
+    return {i: {"attn": value(b.attn_gate), "ffw": value(b.ff_gate)} for i, b in model.xattn.items()}
+
+
+def shard(model, device_type: str, world: int) -> None:
+    """FSDP2: every decoder layer, xattn block and the resampler is its own unit (the resampler
+    also runs outside the model's forward), the rest sits in the root unit. Frozen and
+    trainable parameters may share a unit: only the trainable ones get gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from .lm import decoder_layers
+
+    mesh = init_device_mesh(device_type, (world,))
+    for module in [*decoder_layers(model.lm), *model.xattn.values(), model.resampler]:
+        fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:

@@ -56,9 +56,18 @@ class GatedXAttnDense(nn.Module):
         self.ff = feed_forward(dim, config.ff_mult)
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, y: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None, phi: torch.Tensor,
-                num_images: int) -> torch.Tensor:
-        """y (b, t, d) LM hidden states -> (b, t, d). kv is None when the batch has no media."""
-        if kv is not None:
-            y = y + self.attn_gate.tanh() * self.attn(y, kv, phi, num_images)
+    def forward(self, y: torch.Tensor, visual: torch.Tensor | None, phi: torch.Tensor | None,
+                kv_cache: dict | None = None) -> torch.Tensor:
+        """y (b, t, d) LM hidden states, visual (b, m, l, dv) or None, phi (b, t) -> (b, t, d).
+
+        kv_cache, a dict that lives as long as one call's media, keeps this block's visual K/V
+        so that decoding steps after the first reuse them.
+        """
+        if visual is not None:
+            kv = None if kv_cache is None else kv_cache.get(self)
+            if kv is None:
+                kv = self.attn.keys_values(visual)
+                if kv_cache is not None:
+                    kv_cache[self] = kv
+            y = y + self.attn_gate.tanh() * self.attn(y, kv, phi, visual.shape[1])
         return y + self.ff_gate.tanh() * self.ff(y)

@@ -228,3 +228,20 @@ def test_the_example_makefile_runs_end_to_end(tmp_path):
     assert len(answers) == len(COLOURS) and all("output" in a for a in answers)
     assert len(metrics(out / "run/metrics.jsonl")) == 20
     assert (out / "run/checkpoint/trainer_state.pt").exists()
+
+
+def test_fsdp_shards_match_one_process_and_resume_exactly(toy):
+    root, env = toy
+    run(args(4, "fsdp-single"), root, env)
+    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(BIN / "flamingo")]
+    run(torchrun + args(2, "fsdp")[1:] + ["--fsdp"], root, env, timeout=600)
+    run(torchrun + args(4, "fsdp")[1:] + ["--fsdp", "--resume"], root, env, timeout=600)
+    one, two = metrics(root / "fsdp-single/metrics.jsonl"), metrics(root / "fsdp/metrics.jsonl")
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        assert all(abs(a["loss"][n] - b["loss"][n]) < 1e-4 for n in a["loss"]), a["step"]
+    wa = load_file(str(root / "fsdp-single/checkpoint/model.safetensors"))
+    wb = load_file(str(root / "fsdp/checkpoint/model.safetensors"))
+    assert wa.keys() == wb.keys() and max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
+    r = run(args(4, "fsdp", "--resume"), root, env, check=False)  # resuming an FSDP run without FSDP
+    assert r.returncode == 1 and "resume it the same way" in r.stderr
