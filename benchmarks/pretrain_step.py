@@ -227,9 +227,9 @@ def main() -> None:
               f"{torch.get_num_threads()} threads; devices {', '.join(devices)}")
         print(f"one-off: encoding {IMAGES} images into the feature shard took {encode_s:.1f} s (cpu)")
         print(f"{'device':>6} {'mode':>10} {'dtype':>8} {'steps/s':>8} {'tokens/s':>9} {'vs raw':>10} {'vs fp32':>10}")
-        print("(vs raw: steps/s over raw images in float32; vs fp32: over the same mode in float32)")
         for device in devices:
             bench_device(ckpt, {False: features_shard, True: raw_shard}, root, device)
+        print("vs raw: steps/s over raw images in float32 on the same device; vs fp32: over the same mode in float32")
 
 
 if __name__ == "__main__":
