@@ -11,9 +11,9 @@ on its own and not part of any training timing.
 
 Modes: features and raw images, each in float32 and with bfloat16 autocast
 (TrainConfig.dtype; fast on CPUs with AMX). Each builds a `Trainer` the way `flamingo
-pretrain` does (the checkpoint loaded without its encoder; for raw images an
-`encode_image` that loads the encoder lazily and runs transform + encoder per image, as
-cli.py does) with one dataset of global batch 8. Each step is one `Trainer.train` call
+pretrain` does (the checkpoint loaded without its encoder; for raw images the same
+`ImageEncoder`, which loads the encoder lazily and encodes each batch's images in one
+call) with one dataset of global batch 8. Each step is one `Trainer.train` call
 timed with time.perf_counter, the modes' steps interleaved so that load from elsewhere
 hits all of them alike: 2 warm-up steps, then 10 timed ones, rated by the median step.
 Tokens are the loss-bearing tokens `Trainer.accumulate` counts (the count behind
@@ -42,9 +42,8 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from flamingo_cli.checkpoint import load_checkpoint, load_checkpoint_encoder, new_model, save_checkpoint  # noqa: E402
 from flamingo_cli.config import EncoderConfig, FlamingoConfig, ResamplerConfig, XAttnConfig  # noqa: E402
-from flamingo_cli.data import ExampleStream, parse_specs  # noqa: E402
+from flamingo_cli.data import ExampleStream, ImageEncoder, parse_specs  # noqa: E402
 from flamingo_cli.encoding import write_feature_shards  # noqa: E402
-from flamingo_cli.media import read_image  # noqa: E402
 from flamingo_cli.sampling import SamplingConfig  # noqa: E402
 from flamingo_cli.tiny import save_tiny_lm  # noqa: E402
 from flamingo_cli.training import Trainer, TrainConfig  # noqa: E402
@@ -129,21 +128,6 @@ def write_features_shard(ckpt: Path, records: list[dict], root: Path) -> tuple[P
 
 # -- training ---------------------------------------------------------------------------
 
-def raw_image_encoder(ckpt: Path, device: str):
-    """cli.py's `encode_image` for raw-image shards (a closure there, so it cannot be
-    imported): the encoder is loaded on first use, then each image is decoded, run
-    through timm's transform and encoded on its own."""
-    encoder = []
-
-    def encode_image(data: bytes):
-        if not encoder:
-            encoder.append(load_checkpoint_encoder(ckpt)[0].to(device))
-        pixels = encoder[0].transform()(read_image("<shard image>", data)).unsqueeze(0).to(device)
-        return encoder[0](pixels)[0]
-
-    return encode_image
-
-
 def sync(device: str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -159,7 +143,8 @@ class TimedRun:
         sampling = SamplingConfig()
         self.config = TrainConfig(steps=0, warmup=10, dtype=dtype, save_every=10**9)
         self.trainer = Trainer(model, specs, sampling, self.config, run_dir, device=device,
-                               encode_image=raw_image_encoder(ckpt, device) if raw else None)
+                               encode_images=ImageEncoder(lambda: load_checkpoint_encoder(ckpt)[0], device)
+                               if raw else None)
         self.trainer.save = lambda: None  # checkpoint writes are not training steps
         accumulate = self.trainer.accumulate
 

@@ -566,7 +566,7 @@ def pretrain(ckpt, run_dir, resume, data, weight, batch, steps, lr, warmup, weig
     import torch
 
     from .checkpoint import load_checkpoint, load_checkpoint_encoder
-    from .data import ExampleStream, parse_specs
+    from .data import ExampleStream, ImageEncoder, parse_specs
     from .sampling import SamplingConfig
     from .training import CHECKPOINT_DIR, Distributed, TrainConfig, Trainer, truncate_metrics
 
@@ -585,20 +585,11 @@ def pretrain(ckpt, run_dir, resume, data, weight, batch, steps, lr, warmup, weig
     torch.manual_seed(seed)
     model = load_checkpoint(source, with_encoder=False).to(device)
     model.set_activation_checkpointing(grad_checkpointing)
-    encoder = []
-
-    def encode_image(data: bytes):
-        from .media import read_image
-
-        if not encoder:
-            encoder.append(load_checkpoint_encoder(source)[0].to(device))
-        pixels = encoder[0].transform()(read_image("<shard image>", data)).unsqueeze(0).to(device)
-        return encoder[0](pixels)[0]
-
+    encode_images = ImageEncoder(lambda: load_checkpoint_encoder(source)[0], device)
     log = (lambda msg: click.echo(msg, err=True)) if dist.rank == 0 else (lambda msg: None)
     run.mkdir(parents=True, exist_ok=True)
     sampling = SamplingConfig(window=window, max_images=max_images, p_next=p_next)
-    trainer = Trainer(model, specs, sampling, config, run, dist=dist, encode_image=encode_image, log=log,
+    trainer = Trainer(model, specs, sampling, config, run, dist=dist, encode_images=encode_images, log=log,
                       device=device, fsdp=fsdp)
     if resumed:
         trainer.load_state(source)

@@ -146,18 +146,37 @@ def to_tensors(batch: list[tuple], pad_id: int) -> dict:
     return tensors
 
 
-def batch_features(media: list[list], encode_image=None) -> torch.Tensor | None:
-    """Per-example media (feature tensors, or raw image bytes run through the frozen encoder)
-    -> (b, max media, frames, tokens, d), zero padded: padding is never attended."""
-    features = [[m if isinstance(m, torch.Tensor) else encode_image(m) for m in ms] for ms in media]
+class ImageEncoder:
+    """Raw shard images -> features with a checkpoint's frozen encoder, loaded on first use
+    (training from feature shards never loads it). One batched encoder call per batch."""
+
+    def __init__(self, load, device: str = "cpu"):
+        self.load, self.device = load, device
+        self.encoder = self.transform = None
+
+    def __call__(self, images: list[bytes]) -> list[torch.Tensor]:
+        from .media import read_image
+
+        if self.encoder is None:
+            self.encoder = self.load().to(self.device)
+            self.transform = self.encoder.transform()
+        pixels = torch.stack([self.transform(read_image("<shard image>", data)) for data in images])
+        return list(self.encoder(pixels.to(self.device)))  # each (frames, tokens, d)
+
+
+def batch_features(media: list[list], encode_images=None, device: str = "cpu") -> torch.Tensor | None:
+    """Per-example media (feature tensors, or raw image bytes run through `encode_images`)
+    -> (b, max media, frames, tokens, d) on `device`, zero padded: padding is never attended."""
+    raw = [m for ms in media for m in ms if not isinstance(m, torch.Tensor)]
+    encoded = iter(encode_images(raw) if raw else [])
+    features = [[m.to(device) if isinstance(m, torch.Tensor) else next(encoded) for m in ms] for ms in media]
     shapes = {tuple(f.shape) for fs in features for f in fs}
     if not shapes:
         return None
     if len(shapes) > 1:
         raise FlamingoError(f"one batch mixes media of shapes {sorted(shapes)}; keep videos of one length "
                             "and images in separate datasets")
-    shape = shapes.pop()
-    out = torch.zeros(len(features), max(len(fs) for fs in features), *shape)
+    out = torch.zeros(len(features), max(len(fs) for fs in features), *shapes.pop(), device=device)
     for i, fs in enumerate(features):
         for j, f in enumerate(fs):
             out[i, j] = f

@@ -78,12 +78,12 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 class Trainer:
     def __init__(self, model, specs: list[DatasetSpec], sampling: SamplingConfig, config: TrainConfig,
-                 run_dir: str | Path, *, dist: Distributed | None = None, encode_image=None, log=None,
+                 run_dir: str | Path, *, dist: Distributed | None = None, encode_images=None, log=None,
                  device: str = "cpu", fsdp: bool = False):
         self.model, self.specs, self.config = model, specs, config
         self.run_dir = Path(run_dir)
         self.dist = dist or Distributed()
-        self.encode_image, self.device = encode_image, device
+        self.encode_images, self.device = encode_images, device
         self.log = log or (lambda msg: None)
         for spec in specs:
             if spec.batch < self.dist.world:
@@ -161,11 +161,10 @@ class Trainer:
         gradients over ranks, so scaling by the world size gives the global mean exactly."""
         model = self.ddp or self.model
         ids = batch["input_ids"].to(self.device)
-        features = batch_features(batch["media"], self.encode_image)
-        features = None if features is None else features.to(self.device)
         kind = torch.device(self.device).type
         dtype = None if self.config.dtype == "float32" else getattr(torch, self.config.dtype)
         with torch.autocast(device_type=kind, dtype=dtype, enabled=dtype is not None):
+            features = batch_features(batch["media"], self.encode_images, self.device)
             logits = model(ids, features=features, attention_mask=batch["attention_mask"].to(self.device),
                            next_image=batch["next_image"].to(self.device)).logits
         labels = batch["labels"].to(self.device)[:, 1:]
