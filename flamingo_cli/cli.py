@@ -573,7 +573,7 @@ def pretrain(ckpt, run_dir, resume, data, weight, batch, steps, lr, warmup, weig
     _quiet_libraries(quiet)
     dist = Distributed.from_env()
     if dist.world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo" if device == "cpu" else "nccl")
+        dist.init_process_group("gloo" if device == "cpu" else "nccl")
         if device != "cpu":
             device = f"cuda:{dist.local_rank}"
     run = Path(run_dir)

@@ -59,6 +59,13 @@ class Distributed:
             return cls(int(env.get("SLURM_PROCID", 0)), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
         return cls()
 
+    def init_process_group(self, backend: str) -> None:
+        """Join the group. Under plain `srun` (one task per GPU, no torchrun) there is no
+        MASTER_ADDR: the node srun launched from hosts the rendezvous."""
+        os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+        os.environ.setdefault("MASTER_PORT", "29500")
+        torch.distributed.init_process_group(backend, rank=self.rank, world_size=self.world)
+
 
 def param_groups(model, config: TrainConfig) -> list[dict]:
     gates = [p for block in model.xattn.values() for p in (block.attn_gate, block.ff_gate)]

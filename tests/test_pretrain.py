@@ -245,3 +245,19 @@ def test_fsdp_shards_match_one_process_and_resume_exactly(toy):
     assert wa.keys() == wb.keys() and max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
     r = run(args(4, "fsdp", "--resume"), root, env, check=False)  # resuming an FSDP run without FSDP
     assert r.returncode == 1 and "resume it the same way" in r.stderr
+
+
+def test_ranks_come_from_torchrun_or_slurm(monkeypatch):
+    from flamingo_cli.training import Distributed
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+    assert Distributed.from_env() == Distributed(0, 1, 0)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert Distributed.from_env() == Distributed(5, 8, 1)
+    monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun's variables win over the SLURM task's
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert Distributed.from_env() == Distributed(3, 4, 3)
