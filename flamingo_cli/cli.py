@@ -559,7 +559,8 @@ def pretrain(ckpt, run_dir, resume, data, weight, batch, steps, lr, warmup, weig
     of text and image indices), with raw images or precomputed features from
     `flamingo encode --wds`; training from features never loads the encoder.
     Writes RUN/checkpoint/ (a checkpoint every stage accepts, plus the training
-    state) and RUN/metrics.jsonl. Under torchrun or SLURM it trains with DDP.
+    state) and RUN/metrics.jsonl. Under torchrun or SLURM it trains with DDP, or
+    with FSDP2 given --fsdp; the global batch does not depend on the process count.
     """
     from pathlib import Path
 
