@@ -535,6 +535,12 @@ def _preset_entries_for(data: list[str], **named: tuple[str, ...]) -> list[list[
 @click.option("--save-every", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
               help="Autocast dtype of the forward pass; master weights stay float32.")
+@click.option("--split", type=click.Choice(["samples", "shards"]), default="samples", show_default=True,
+              help="samples: every process reads the whole stream and keeps its slice of each global batch "
+                   "(results independent of the process count); shards: webdataset deals shards to processes "
+                   "and DataLoader workers (less reading at scale; results depend on the counts).")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="DataLoader workers decoding shards per process, with --split shards.")
 @click.option("--fsdp", is_flag=True,
               help="Under torchrun: shard the model with FSDP2 (each LM layer, xattn block and the resampler) "
                    "instead of replicating it with DDP, for LMs too large for one device.")
@@ -550,7 +556,7 @@ def _preset_entries_for(data: list[str], **named: tuple[str, ...]) -> list[list[
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def pretrain(ckpt, run_dir, resume, data, weight, batch, steps, lr, warmup, weight_decay, grad_clip, gate_lr_mult,
-             save_every, dtype, fsdp, grad_checkpointing, window, max_images, p_next, device, seed, quiet):
+             save_every, dtype, split, workers, fsdp, grad_checkpointing, window, max_images, p_next, device, seed, quiet):
     """Pretrain on a weighted mixture of webdataset shards, as the paper does.
 
     Every step accumulates gradients from every dataset, each loss scaled by its
@@ -567,7 +573,7 @@ def pretrain(ckpt, run_dir, resume, data, weight, batch, steps, lr, warmup, weig
     import torch
 
     from .checkpoint import load_checkpoint, load_checkpoint_encoder
-    from .data import ExampleStream, ImageEncoder, parse_specs
+    from .data import ExampleStream, ImageEncoder, ShardStream, parse_specs
     from .sampling import SamplingConfig
     from .training import CHECKPOINT_DIR, Distributed, TrainConfig, Trainer, truncate_metrics
 
@@ -597,8 +603,12 @@ def pretrain(ckpt, run_dir, resume, data, weight, batch, steps, lr, warmup, weig
         truncate_metrics(run, trainer.step)
     elif resume:
         log(f"flamingo pretrain: nothing to resume in {run}; starting from {source}")
-    streams = {s.name: ExampleStream(s, model.tokenizer, sampling, seed=seed, position=trainer.positions[s.name],
-                                     log=log) for s in specs}
+    if split == "shards":
+        streams = {s.name: ShardStream(s, model.tokenizer, sampling, seed=seed, world=dist.world, workers=workers,
+                                       position=trainer.positions[s.name], log=log) for s in specs}
+    else:
+        streams = {s.name: ExampleStream(s, model.tokenizer, sampling, seed=seed,
+                                         position=trainer.positions[s.name], log=log) for s in specs}
     with _progress(quiet or dist.rank != 0, total=steps, initial=trainer.step, unit="step",
                    desc="pretrain") as bar:
         trainer.train(streams, bar)

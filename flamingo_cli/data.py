@@ -93,8 +93,29 @@ def _raw_samples(urls: list[str], seed: int, log) -> Iterator[dict]:
         epoch += 1
 
 
+BAD_SAMPLE = (ArtifactError, ValueError, KeyError, TypeError)
+
+
+def make_example(sample: dict, tokenizer, sampling: SamplingConfig, rng: random.Random):
+    """(Example or None, media, encoder) for one webdataset sample; BAD_SAMPLE errors if unusable."""
+    record, media, encoder = read_sample(sample)
+    if "segments" in record:
+        segments = record["segments"]
+        if not isinstance(segments, list) or any(isinstance(s, int) and not 0 <= s < len(media) for s in segments):
+            raise ArtifactError(f"{sample.get('__key__')}: segments refer to media it does not have")
+        example = interleaved_example(tokenizer, segments, rng, sampling)
+    elif isinstance(record.get("caption"), str) and media:
+        example = pair_example(tokenizer, record["caption"], rng, sampling)
+    else:
+        raise ArtifactError(f"{sample.get('__key__')}: neither a caption with an image nor segments")
+    return example, media, encoder
+
+
 class ExampleStream:
-    """One dataset's stream of (Example, media) in global order, resumable at a position."""
+    """One dataset's stream of (Example, media) in global order, resumable at a position.
+    Every process reads every shard and returns the whole global batch (--split samples)."""
+
+    local = False
 
     def __init__(self, spec: DatasetSpec, tokenizer, sampling: SamplingConfig, *, seed: int, position: int = 0,
                  log=None):
@@ -105,20 +126,6 @@ class ExampleStream:
         for _ in range(position):
             next(self._samples)
 
-    def _example(self, sample: dict, index: int):
-        record, media, encoder = read_sample(sample)
-        rng = random.Random(f"{self.seed}\0{self.spec.name}\0{index}")
-        if "segments" in record:
-            segments = record["segments"]
-            if not isinstance(segments, list) or any(isinstance(s, int) and not 0 <= s < len(media) for s in segments):
-                raise ArtifactError(f"{sample.get('__key__')}: segments refer to media it does not have")
-            example = interleaved_example(self.tokenizer, segments, rng, self.sampling)
-        elif isinstance(record.get("caption"), str) and media:
-            example = pair_example(self.tokenizer, record["caption"], rng, self.sampling)
-        else:
-            raise ArtifactError(f"{sample.get('__key__')}: neither a caption with an image nor segments")
-        return example, media, encoder
-
     def next_batch(self) -> list[tuple]:
         """The next global batch: `batch` usable examples with their media."""
         out = []
@@ -127,8 +134,9 @@ class ExampleStream:
             sample = next(self._samples)
             self.stats.position += 1
             try:
-                example, media, encoder = self._example(sample, index)
-            except (ArtifactError, ValueError, KeyError, TypeError) as e:
+                rng = random.Random(f"{self.seed}\0{self.spec.name}\0{index}")
+                example, media, encoder = make_example(sample, self.tokenizer, self.sampling, rng)
+            except BAD_SAMPLE as e:
                 self.stats.bad += 1
                 self.log(f"flamingo pretrain: {self.spec.name}: skipping sample {index}: {e}")
                 continue
@@ -136,6 +144,93 @@ class ExampleStream:
                 self.stats.empty += 1
                 continue
             out.append((example, [media[i] for i in example.media], encoder))
+        return out
+
+
+class _ShardWorkerSamples(torch.utils.data.IterableDataset):
+    """Runs in each DataLoader worker: this process's and this worker's shards of every epoch,
+    dealt by webdataset's split_by_node and split_by_worker, decoded into examples."""
+
+    def __init__(self, spec: DatasetSpec, urls: list[str], tokenizer, sampling: SamplingConfig, seed: int):
+        self.spec, self.urls, self.tokenizer, self.sampling, self.seed = spec, urls, tokenizer, sampling, seed
+
+    def __iter__(self):
+        from webdataset.shardlists import split_by_node, split_by_worker
+        from webdataset.tariterators import shardlist, tarfile_samples
+
+        epoch = 0
+        while True:
+            order = list(self.urls)
+            random.Random(f"{self.seed}\0epoch\0{epoch}").shuffle(order)
+            mine = list(split_by_worker(split_by_node(order)))
+            count = 0
+            for sample in tarfile_samples(shardlist(mine), handler=_skip_unreadable):
+                count += 1
+                key = f"{sample.get('__url__')}\0{sample.get('__key__')}\0{epoch}"
+                try:
+                    example, media, encoder = make_example(
+                        sample, self.tokenizer, self.sampling, random.Random(f"{self.seed}\0{self.spec.name}\0{key}"))
+                except BAD_SAMPLE as e:
+                    yield ("bad", str(e))
+                    continue
+                yield ("empty", None) if example is None else (example, [media[i] for i in example.media], encoder)
+            if count == 0:
+                raise FlamingoError(f"dataset {self.spec.name}: no readable samples in shards {', '.join(mine)}")
+            epoch += 1
+
+
+def _skip_unreadable(exc) -> bool:
+    print(f"flamingo pretrain: skipping unreadable shard data: {exc}", file=sys.stderr)
+    return True
+
+
+def _as_is(item):
+    return item
+
+
+class ShardStream:
+    """--split shards: each process reads only its shards and DataLoader workers decode them
+    while the model trains. Batches are per process (B / processes), so which examples meet in
+    a global batch depends on the process and worker counts: runs with different counts agree
+    statistically, not exactly. Resuming with the same counts is exact."""
+
+    local = True
+
+    def __init__(self, spec: DatasetSpec, tokenizer, sampling: SamplingConfig, *, seed: int, world: int,
+                 workers: int, position: int = 0, log=None):
+        urls = _shard_urls(spec.pattern)
+        readers = world * max(1, workers)
+        if len(urls) < readers:
+            raise FlamingoError(f"dataset {spec.name}: --split shards needs at least {readers} shards "
+                                f"({world} processes x {max(1, workers)} workers), found {len(urls)}")
+        if spec.batch % world:
+            raise FlamingoError(f"dataset {spec.name}: global batch {spec.batch} does not divide over {world} processes")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers tokenize
+        self.spec, self.batch = spec, spec.batch // world
+        self.stats = DataStats()
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        loader = torch.utils.data.DataLoader(_ShardWorkerSamples(spec, urls, tokenizer, sampling, seed),
+                                             batch_size=None, num_workers=workers, collate_fn=_as_is)
+        self._items = iter(loader)
+        for _ in range(position):
+            self._next()
+
+    def _next(self):
+        self.stats.position += 1
+        return next(self._items)
+
+    def next_batch(self) -> list[tuple]:
+        """This process's share of the next global batch."""
+        out = []
+        while len(out) < self.batch:
+            item = self._next()
+            if item[0] == "bad":
+                self.stats.bad += 1
+                self.log(f"flamingo pretrain: {self.spec.name}: skipping a sample: {item[1]}")
+            elif item[0] == "empty":
+                self.stats.empty += 1
+            else:
+                out.append(item)
         return out
 
 

@@ -119,8 +119,12 @@ class Trainer:
                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         else:
             optimizer = self.optimizer.state_dict()
+        positions = [dict(self.positions)]
+        if self.dist.world > 1:  # under --split shards every process has its own place in its shards
+            positions = [None] * self.dist.world
+            torch.distributed.all_gather_object(positions, dict(self.positions))
         return {"step": self.step, "optimizer": optimizer, "sharded_optimizer": self.fsdp,
-                "positions": dict(self.positions), "torch_rng": torch.get_rng_state(),
+                "positions": positions, "torch_rng": torch.get_rng_state(),
                 "python_rng": random.getstate(), "config": dict(self.config.__dict__)}
 
     def load_state(self, directory: Path) -> None:
@@ -129,7 +133,15 @@ class Trainer:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError) as e:
             raise FlamingoError(f"{path}: cannot read the training state ({str(e).splitlines()[0][:160]})") from None
-        missing = sorted(set(self.positions) - set(state["positions"]))
+        ranks = state["positions"]
+        if len(ranks) == self.dist.world:
+            positions = ranks[self.dist.rank]
+        elif all(r == ranks[0] for r in ranks):  # --split samples: the same everywhere
+            positions = ranks[0]
+        else:
+            raise FlamingoError(f"{path}: a --split shards run of {len(ranks)} processes resumes only with "
+                                f"{len(ranks)} processes")
+        missing = sorted(set(self.positions) - set(positions))
         if missing:
             raise FlamingoError(f"{path}: no data position for dataset(s) {', '.join(missing)}")
         if state.get("sharded_optimizer", False) != self.fsdp:
@@ -143,7 +155,7 @@ class Trainer:
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
-        self.positions = {name: state["positions"][name] for name in self.positions}
+        self.positions = {name: positions[name] for name in self.positions}
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
 
@@ -186,13 +198,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         losses, tokens, examples = {}, 0, 0
         for i, spec in enumerate(self.specs):
-            full = streams[spec.name].next_batch()
+            full = streams[spec.name].next_batch()  # the global batch, or this process's share
             foreign = {e for _, _, e in full} - {None, model.encoder_id}
             if foreign:
                 raise FlamingoError(f"dataset {spec.name}: features made by encoder {foreign.pop()}, "
                                     f"but this checkpoint's encoder is {model.encoder_id}")
-            global_tokens = sum(sum(label != -100 for label in ex.labels[1:]) for ex, _, _ in full)
-            batch = to_tensors(full[self.dist.rank::self.dist.world], model.pad_token_id)
+            stream = streams[spec.name]
+            tokens_here = sum(sum(label != -100 for label in ex.labels[1:]) for ex, _, _ in full)
+            if stream.local:  # this process's share only: the global count needs the others'
+                global_tokens = self._global_sum(tokens_here)
+                batch = to_tensors(full, model.pad_token_id)
+            else:
+                global_tokens = tokens_here
+                batch = to_tensors(full[self.dist.rank::self.dist.world], model.pad_token_id)
             # Only the last backward of the step all-reduces (DDP) or reduce-scatters (FSDP) gradients.
             last = i == len(self.specs) - 1
             if self.fsdp:
@@ -202,8 +220,8 @@ class Trainer:
                 (spec.weight * loss).backward()
             losses[spec.name] = self._global_mean(loss.detach())
             tokens += global_tokens
-            examples += len(full)
-            self.positions[spec.name] = streams[spec.name].stats.position
+            examples += len(full) * (self.dist.world if stream.local else 1)
+            self.positions[spec.name] = stream.stats.position
         return losses, tokens, examples
 
     def train(self, streams: dict[str, ExampleStream], progress=None) -> None:
@@ -240,6 +258,13 @@ class Trainer:
                     progress.set_postfix({n: f"{v:.3f}" for n, v in losses.items()})
             if self.step % config.save_every == 0 or self.step == config.steps:
                 self.save()
+
+    def _global_sum(self, count: int) -> int:
+        if self.dist.world == 1:
+            return count
+        total = torch.tensor([count], dtype=torch.long)
+        torch.distributed.all_reduce(total)
+        return int(total)
 
     def _global_mean(self, loss: torch.Tensor) -> float:
         """This dataset's loss over the whole global batch (the ranks' slices already carry the scaling)."""

@@ -86,7 +86,7 @@ def test_a_crash_between_checkpoints_is_redone_once(toy):
     rows = metrics(root / "crashed/metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(v > 0 for r in rows for v in r["loss"].values())
     state = torch.load(root / "crashed/checkpoint/trainer_state.pt", weights_only=True)
-    assert state["step"] == 4 and set(state["positions"]) == {"pairs", "docs"}
+    assert state["step"] == 4 and set(state["positions"][0]) == {"pairs", "docs"}
 
 
 def test_two_processes_match_one_with_the_same_global_batch(toy):
@@ -261,3 +261,38 @@ def test_ranks_come_from_torchrun_or_slurm(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert Distributed.from_env() == Distributed(3, 4, 3)
+
+
+@pytest.fixture(scope="module")
+def many_shards(toy):
+    root, env = toy
+    run(["bash", "-c", "flamingo encode --wds many/pairs-%06d.tar --shard-size 1 < pairs.jsonl > /dev/null"], root, env)
+    return ["--data", "pairs=many/pairs-{000000..000007}.tar", "--split", "shards", "--workers", "2"]
+
+
+def test_shard_split_resumes_exactly(toy, many_shards):
+    root, env = toy
+    base = ["flamingo", "pretrain", "-c", "tiny", "-q", *many_shards]
+    run(base + ["--run-dir", "split-straight", "--steps", "4"], root, env)
+    run(base + ["--run-dir", "split-resumed", "--steps", "2"], root, env)
+    run(base + ["--run-dir", "split-resumed", "--steps", "4", "--resume"], root, env)
+    assert (root / "split-straight/checkpoint/model.safetensors").read_bytes() == \
+        (root / "split-resumed/checkpoint/model.safetensors").read_bytes()
+
+
+def test_shard_split_across_two_processes(toy, many_shards):
+    root, env = toy
+    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(BIN / "flamingo")]
+    run(torchrun + ["pretrain", "-c", "tiny", "-q", "--run-dir", "split-ddp", "--steps", "3", *many_shards],
+        root, env, timeout=600)
+    run(["flamingo", "pretrain", "-c", "tiny", "-q", "--run-dir", "split-one", "--steps", "3",
+         *many_shards[:2]], root, env)
+    two, one = metrics(root / "split-ddp/metrics.jsonl"), metrics(root / "split-one/metrics.jsonl")
+    # Shards dealt to processes put other examples together in each global batch: the curves agree
+    # statistically (within 0.05 nats over these 3 steps), not exactly as with --split samples.
+    assert all(abs(a["loss"]["pairs"] - b["loss"]["pairs"]) < 0.05 for a, b in zip(one, two))
+    state = torch.load(root / "split-ddp/checkpoint/trainer_state.pt", weights_only=True)
+    assert len(state["positions"]) == 2
+    r = run(["flamingo", "pretrain", "-c", "tiny", "-q", "--run-dir", "x", "--steps", "1", "--data",
+             "pairs=many/pairs-{000000..000001}.tar", "--split", "shards", "--workers", "3"], root, env, check=False)
+    assert r.returncode == 1 and "needs at least 3 shards (1 processes x 3 workers), found 2" in r.stderr
