@@ -458,7 +458,6 @@ def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, 
 
     from .artifacts import ArtifactError, write_records
     from .generation import check_prompt_record
-    from .media import pad_media
     from .prompting import load_template
     from .scoring import rank, score_candidates
 
@@ -487,7 +486,7 @@ def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, 
                 raise ArtifactError(f"{record.get('id', '<record>')}: no candidates (use --candidates FILE "
                                     "or a 'candidates' field)")
             ids = model.tokenizer(text, return_tensors="pt").input_ids.to(device)
-            visual = pad_media([torch.stack([media.visual(e) for e in entries])]) if entries else None
+            visual = media.visuals(entries).unsqueeze(0) if entries else None
             kw = {"continuation": template.continuation} if template else {}
             with torch.autocast(device_type=torch.device(device).type, dtype=_dtype(dtype),
                                 enabled=_dtype(dtype) is not None):

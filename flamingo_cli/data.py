@@ -261,7 +261,9 @@ class ImageEncoder:
 
 def batch_features(media: list[list], encode_images=None, device: str = "cpu") -> torch.Tensor | None:
     """Per-example media (feature tensors, or raw image bytes run through `encode_images`)
-    -> (b, max media, frames, tokens, d) on `device`, zero padded: padding is never attended."""
+    -> (b, max media, frames, tokens, d) on `device`, zero padded."""
+    from .media import pad_media
+
     raw = [m for ms in media for m in ms if not isinstance(m, torch.Tensor)]
     encoded = iter(encode_images(raw) if raw else [])
     features = [[m.to(device) if isinstance(m, torch.Tensor) else next(encoded) for m in ms] for ms in media]
@@ -271,8 +273,5 @@ def batch_features(media: list[list], encode_images=None, device: str = "cpu") -
     if len(shapes) > 1:
         raise FlamingoError(f"one batch mixes media of shapes {sorted(shapes)}; keep videos of one length "
                             "and images in separate datasets")
-    out = torch.zeros(len(features), max(len(fs) for fs in features), *shapes.pop(), device=device)
-    for i, fs in enumerate(features):
-        for j, f in enumerate(fs):
-            out[i, j] = f
-    return out
+    shape = shapes.pop()
+    return pad_media([torch.stack(fs) if fs else torch.zeros(0, *shape, device=device) for fs in features])

@@ -33,11 +33,10 @@ def generate_records(model, records: list[dict], media: MediaResolver, *, num_be
     for record in records:
         prompt, entries = check_prompt_record(record)
         texts.append(prompt)
-        visuals.append(torch.stack([media.visual(e) for e in entries]) if entries else
-                       torch.zeros(0, model.config.resampler.num_latents, model.config.resampler.dim))
+        visuals.append(media.visuals(entries))
     tokenizer.padding_side = "left"
     batch = tokenizer(texts, return_tensors="pt", padding=True).to(device)
-    visual = pad_media([v.to(device) for v in visuals])
+    visual = pad_media(visuals)
     with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None):
         new = model.generate(batch.input_ids, visual, attention_mask=batch.attention_mask, num_beams=num_beams,
                              max_new_tokens=max_new_tokens, length_penalty=length_penalty)

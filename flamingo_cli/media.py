@@ -65,16 +65,17 @@ class ImageFiles(torch.utils.data.Dataset):
         return {"index": i, "digest": digest, "pixels": pixels}
 
 
-def pad_media(visuals: list[torch.Tensor]) -> torch.Tensor | None:
-    """Per-sequence visual tokens [(m_i, l, d)] -> (b, max m_i, l, d), zero padded.
-    Padding is never attended: a token's image index never exceeds its own sequence's count."""
-    most = max(v.shape[0] for v in visuals)
+def pad_media(media: list[torch.Tensor]) -> torch.Tensor | None:
+    """Per-sequence media tensors [(m_i, *shape)] (visual tokens or features) -> (b, max m_i, *shape),
+    zero padded. Padding is never attended: a token's image index never exceeds its own
+    sequence's count."""
+    most = max(m.shape[0] for m in media)
     if most == 0:
         return None
-    l, d = next(v.shape[1:] for v in visuals if v.shape[0])
-    out = visuals[0].new_zeros(len(visuals), most, l, d)
-    for i, v in enumerate(visuals):
-        out[i, : v.shape[0]] = v
+    first = next(m for m in media if m.shape[0])
+    out = first.new_zeros(len(media), most, *first.shape[1:])
+    for i, m in enumerate(media):
+        out[i, : m.shape[0]] = m
     return out
 
 
@@ -88,14 +89,24 @@ class MediaResolver:
         self.memo: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.memo_size = memo
         self._encoder = model.encoder
+        self._transform = None
 
     def _encode(self, path: str) -> torch.Tensor:
         if self._encoder is None:
             if self.load_encoder is None:
                 raise ArtifactError(f"{path}: an image path needs the vision encoder, which is not loaded")
             self._encoder = self.load_encoder().to(self.device)
-        pixels = self._encoder.transform()(read_image(path)).unsqueeze(0).to(self.device)
+        if self._transform is None:
+            self._transform = self._encoder.transform()
+        pixels = self._transform(read_image(path)).unsqueeze(0).to(self.device)
         return self._encoder(pixels)[0]  # (f, n, d)
+
+    def visuals(self, entries: list[str]) -> torch.Tensor:
+        """A prompt's media entries -> (m, latents, d); m may be 0."""
+        if not entries:
+            r = self.model.config.resampler
+            return torch.zeros(0, r.num_latents, r.dim, device=self.device)
+        return torch.stack([self.visual(e) for e in entries])
 
     def visual(self, entry: str) -> torch.Tensor:
         if entry in self.memo:

@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from flamingo_cli.config import FlamingoConfig, ResamplerConfig, XAttnConfig  # noqa: E402
-from flamingo_cli.tiny import FAMILIES, save_tiny_lm  # noqa: E402
+from flamingo_cli.tiny import save_tiny_lm  # noqa: E402
 
 VISUAL_DIM = 32
 

@@ -3,7 +3,7 @@ import threading
 
 import pytest
 import torch
-from conftest import cache_of, ids_for, set_gates, visual_tokens
+from conftest import cache_of, ids_for, visual_tokens
 from transformers import AutoModelForCausalLM
 
 from flamingo_cli.lm import xattn_layer_indices
@@ -148,11 +148,10 @@ def test_greedy_generate_matches_a_plain_argmax_loop(make_model, family):
     assert generated.shape[1] == 6 or int(generated[0, -1]) in (model.eoc_token_id, model.tokenizer.eos_token_id)
 
 
-def test_num_beams_1_is_greedy_and_beams_differ_in_search_only(make_model):
+def test_beam_search_returns_a_hypothesis_at_least_as_likely_as_greedy(make_model):
     model = make_model("llama", gates=0.5)
     ids, visual = ids_for(model, PROMPT), visual_tokens(1, 3)
     greedy = model.generate(ids, visual, num_beams=1, max_new_tokens=6)
-    assert torch.equal(greedy, model.generate(ids, visual, num_beams=1, max_new_tokens=6))
     beams = model.generate(ids, visual, num_beams=3, max_new_tokens=6)
     assert beams.shape[0] == 1 and 1 <= beams.shape[1] <= 6
     # Beam search returns its best hypothesis: at least as likely as the greedy one.

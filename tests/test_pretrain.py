@@ -1,7 +1,6 @@
 """Pretraining: the mixture objective, resume equality, DDP equality, and the example Makefile."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -258,30 +258,17 @@ def _state(name="test_vit"):
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
-def test_load_encoder_missing_key(tmp_path):
+@pytest.mark.parametrize("edit, message", [
+    (lambda state: state.pop("norm.weight"), r"missing.*norm\.weight"),
+    (lambda state: state.update({"extra.head.bias": torch.zeros(3)}), r"unexpected.*extra\.head\.bias"),
+    (lambda state: state.update({"pos_embed": torch.zeros(1, 5, 64)}), r"pos_embed"),
+], ids=["missing", "unexpected", "wrong-shape"])
+def test_load_encoder_rejects_mismatched_weights_by_key(tmp_path, edit, message):
     state = _state()
-    del state["norm.weight"]
-    path = tmp_path / "missing.safetensors"
+    edit(state)
+    path = tmp_path / "weights.safetensors"
     save_file(state, str(path))
-    with pytest.raises(CheckpointError, match=r"missing.*norm\.weight"):
-        load_encoder(EncoderConfig(name="test_vit", kwargs={"img_size": VIT_SIZE}, weights=str(path)))
-
-
-def test_load_encoder_unexpected_key(tmp_path):
-    state = _state()
-    state["extra.head.bias"] = torch.zeros(3)
-    path = tmp_path / "extra.safetensors"
-    save_file(state, str(path))
-    with pytest.raises(CheckpointError, match=r"unexpected.*extra\.head\.bias"):
-        load_encoder(EncoderConfig(name="test_vit", kwargs={"img_size": VIT_SIZE}, weights=str(path)))
-
-
-def test_load_encoder_wrong_shape(tmp_path):
-    state = _state()
-    state["pos_embed"] = torch.zeros(1, 5, 64)
-    path = tmp_path / "shape.safetensors"
-    save_file(state, str(path))
-    with pytest.raises(CheckpointError, match=r"pos_embed"):
+    with pytest.raises(CheckpointError, match=message):
         load_encoder(EncoderConfig(name="test_vit", kwargs={"img_size": VIT_SIZE}, weights=str(path)))
 
 
