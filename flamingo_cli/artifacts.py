@@ -76,6 +76,10 @@ def open_output(path: str | None):
     if path in (None, "-"):
         yield sys.stdout
         return
+    if Path(path).exists() and not Path(path).is_file():  # /dev/null, a FIFO: write through, never replace
+        with open(path, "w", encoding="utf-8") as f:
+            yield f
+        return
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
         yield f
 
@@ -85,6 +89,8 @@ def atomic_path(path: str | Path):
     """A temp file name beside `path`; renamed onto `path` (with the usual umask mode) only if
     the block completes, removed otherwise."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ArtifactError(f"{path}: not a regular file; refusing to replace it")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:

@@ -325,3 +325,13 @@ def test_progress_bars_only_on_a_terminal_and_never_on_stdout(world):
     assert len(records(stdout)) == len(COLOURS)
     code, stdout, stderr = _stderr_on_a_terminal([str(BIN / "flamingo"), "resample", "--quiet"], root, env)
     assert code == 0 and stderr == "" and len(records(stdout)) == len(COLOURS)
+
+
+def test_output_to_a_device_writes_through_and_never_replaces_it():
+    import stat
+
+    from flamingo_cli.artifacts import open_output
+
+    with open_output("/dev/null") as f:
+        f.write('{"id": 1}\n')
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
