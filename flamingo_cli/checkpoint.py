@@ -29,6 +29,8 @@ CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 LM_DIR = "lm"
 ENCODER_FILE = "encoder.safetensors"
+# The default model: trained by examples/toy on its shapes world, shipped as package data.
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "default_model"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

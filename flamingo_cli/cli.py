@@ -81,7 +81,8 @@ def _load_yaml_config(name_or_file: str | None):
               help="A FlamingoConfig preset: NAME (stages/init/NAME.yaml, e.g. tiny, openflamingo-3b) or YAML FILE.")
 @click.option("--lm", help="The frozen causal LM: a local directory (or a hub id when online).")
 @click.option("--lm-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="dtype the frozen LM is held in.")
-@click.option("--encoder", help="timm model name of the frozen vision encoder.")
+@click.option("--encoder", help="The frozen vision encoder: a timm model name, or a directory written by "
+              "flamingo contrastive.")
 @click.option("--encoder-weights", type=click.Path(dir_okay=False), help="Local weights file for the encoder.")
 @click.option("--every", type=click.IntRange(min=1), help="A GATED XATTN-DENSE block every N LM layers.")
 @click.option("--placement", type=click.Choice(["paper", "openflamingo"]),
@@ -107,7 +108,12 @@ def init(config_path, lm, lm_dtype, encoder, encoder_weights, every, placement, 
         if value is not None:
             setattr(section, field, value)
     if encoder is not None:
-        config.encoder = EncoderConfig(name=encoder)
+        if os.path.isdir(encoder):  # written by flamingo contrastive
+            from .contrastive import read_encoder_dir
+
+            config.encoder = read_encoder_dir(encoder)
+        else:
+            config.encoder = EncoderConfig(name=encoder)
     if encoder_weights is not None:
         config.encoder.weights = encoder_weights
     model = new_model(config, seed=seed)
@@ -202,11 +208,17 @@ def _records(source: str) -> list[dict]:
     return records
 
 
-def _checkpoint(ckpt: str | None) -> str:
-    if not ckpt:
-        raise click.UsageError("no checkpoint: pass --ckpt DIR or set FLAMINGO_CKPT "
-                               "(the bundled default model does not exist yet)")
-    return ckpt
+def _checkpoint(ckpt: str | None, *, bundled: bool = True) -> str:
+    """--ckpt, else FLAMINGO_CKPT, else the bundled toy model (said on stderr: it knows only its world)."""
+    if ckpt:
+        return ckpt
+    if not bundled:
+        raise click.UsageError("no checkpoint: pass --ckpt DIR or set FLAMINGO_CKPT")
+    from .checkpoint import BUNDLED_CHECKPOINT
+
+    click.echo(f"flamingo: no --ckpt or FLAMINGO_CKPT, using the bundled toy model ({BUNDLED_CHECKPOINT}); "
+               "it knows only the shapes world of examples/toy", err=True)
+    return str(BUNDLED_CHECKPOINT)
 
 
 def _dtype(name: str):
@@ -454,12 +466,9 @@ def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, 
     prompt} and `prediction` (the best). Each prompt runs once; all its candidates
     are scored against the cached prefix in batched forwards. Runs as a single process.
     """
-    import torch
-
     from .artifacts import ArtifactError, write_records
-    from .generation import check_prompt_record
     from .prompting import load_template
-    from .scoring import rank, score_candidates
+    from .scoring import score_record
 
     _single_process("score")
     _setup(seed, quiet)
@@ -476,7 +485,6 @@ def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, 
     templates = {}
     with _progress(quiet, total=len(records), unit="rec", desc="score") as bar, open_output(output) as out:
         for record in records:
-            text, entries = check_prompt_record(record)
             name = record.get("template")
             if name and name not in templates:
                 templates[name] = load_template(name)
@@ -485,16 +493,90 @@ def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, 
             if not candidates:
                 raise ArtifactError(f"{record.get('id', '<record>')}: no candidates (use --candidates FILE "
                                     "or a 'candidates' field)")
-            ids = model.tokenizer(text, return_tensors="pt").input_ids.to(device)
-            visual = media.visuals(entries).unsqueeze(0) if entries else None
             kw = {"continuation": template.continuation} if template else {}
-            with torch.autocast(device_type=torch.device(device).type, dtype=_dtype(dtype),
-                                enabled=_dtype(dtype) is not None):
-                values = score_candidates(model, ids, visual, list(candidates), normalize=normalize,
-                                          batch_size=batch_size, **kw)
-            scores = dict(zip(candidates, values))
-            write_records(out, [{**record, "scores": scores, "prediction": rank(scores)}])
+            write_records(out, [score_record(model, record, media, list(candidates), normalize=normalize,
+                                             batch_size=batch_size, device=device, dtype=_dtype(dtype), **kw)])
             bar.update(1)
+
+
+@cli.command(short_help="Pretrain a vision encoder contrastively on image-caption pairs.")
+@click.argument("input", default="-", type=click.Path(allow_dash=True))
+@click.option("-c", "--config", callback=_load_preset, is_eager=True, expose_value=False,
+              help="Preset NAME (stages/contrastive/NAME.yaml) or YAML FILE of option defaults.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory to write: encoder.yaml, encoder.safetensors, text_tower.safetensors, metrics.jsonl.")
+@click.option("--encoder", default="vit_tiny_patch16_224", show_default=True, help="timm model name of the image tower.")
+@click.option("--encoder-arg", multiple=True,
+              help="KEY=VALUE passed to timm.create_model (YAML value), e.g. img_size=32. Repeat.")
+@click.option("--tokenizer", required=True, type=click.Path(),
+              help="A tokenizer directory (save_pretrained) for the captions, e.g. the LM's.")
+@click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=256, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Linear warmup steps, then cosine decay.")
+@click.option("--weight-decay", type=float, default=0.1, show_default=True)
+@click.option("--embed-dim", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Width of the shared image-text embedding space.")
+@click.option("--text-width", type=click.IntRange(min=8), default=128, show_default=True)
+@click.option("--text-layers", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True,
+              help="DataLoader processes decoding images.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="Autocast dtype; master weights stay float32.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def contrastive(input, out_dir, encoder, encoder_arg, tokenizer, steps, batch_size, lr, warmup, weight_decay,
+                embed_dim, text_width, text_layers, workers, dtype, device, seed, quiet):
+    """Pretrain a vision encoder contrastively, as Flamingo does before freezing it.
+
+    Reads image-caption records ({"image": PATH, "caption": TEXT}, JSON Lines; - or
+    no INPUT is stdin) and trains the timm image tower with a small text tower on
+    the two-term contrastive loss (image->text and text->image InfoNCE, learned
+    temperature). Records with the same caption count as positives of each other.
+    Writes OUT/encoder.yaml and OUT/encoder.safetensors, which `flamingo init
+    --encoder OUT` takes as the frozen encoder, plus the text tower and metrics.jsonl.
+    """
+    import yaml
+
+    from .artifacts import ArtifactError
+    from .config import EncoderConfig
+    from .contrastive import ContrastiveConfig, train_contrastive
+
+    _single_process("contrastive")
+    _quiet_libraries(quiet)
+    kwargs = {}
+    for item in encoder_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--encoder-arg")
+        kwargs[key] = yaml.safe_load(value)
+    records = _records(input)
+    for r in records:
+        if not isinstance(r.get("image"), str) or not isinstance(r.get("caption"), str):
+            raise ArtifactError(f"{r.get('id', '<record>')}: contrastive needs 'image' (a path) and 'caption' fields")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{tokenizer}: cannot load a tokenizer ({str(e).splitlines()[0][:160]})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    config = ContrastiveConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay,
+                               embed_dim=embed_dim, text_width=text_width, text_layers=text_layers, dtype=dtype,
+                               seed=seed)
+    # The loss sees timm's pooled (normalised) tokens, so Flamingo should get the tokens after the final norm.
+    encoder_config = EncoderConfig(name=encoder, kwargs=kwargs, final_norm=True)
+    try:
+        with _progress(quiet, total=steps, unit="step", desc="contrastive") as bar:
+            last = train_contrastive(records, encoder_config, tok, config, out_dir, device=device, workers=workers,
+                                     progress=bar)
+    except ValueError as e:
+        raise ArtifactError(f"{input}: {e}") from None
+    click.echo(f"wrote {out_dir}: loss {last['loss']:.3f}, in-batch image->text accuracy "
+               f"{last['image_to_text_accuracy']:.2f}", err=True)
 
 
 def _preset_entries_for(data: list[str], **named: tuple[str, ...]) -> list[list[str]]:
@@ -584,7 +666,7 @@ def pretrain(ckpt, run_dir, resume, data, weight, batch, steps, lr, warmup, weig
             device = f"cuda:{dist.local_rank}"
     run = Path(run_dir)
     resumed = resume and (run / CHECKPOINT_DIR / "config.yaml").exists()
-    source = run / CHECKPOINT_DIR if resumed else Path(_checkpoint(ckpt))
+    source = run / CHECKPOINT_DIR if resumed else Path(_checkpoint(ckpt, bundled=False))
     specs = parse_specs(list(data), *_preset_entries_for(list(data), weight=weight, batch=batch))
     config = TrainConfig(steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip,
                          gate_lr_mult=gate_lr_mult, save_every=save_every, dtype=dtype, seed=seed)

@@ -52,6 +52,23 @@ def score_candidates(model, prompt_ids: torch.Tensor, visual: torch.Tensor | Non
     return totals
 
 
+def score_record(model, record: dict, media, candidates: list[str], *, continuation: str = CONTINUATION,
+                 normalize: str = "sum", batch_size: int = 32, device: str = "cpu",
+                 dtype: torch.dtype | None = None) -> dict:
+    """The `score` stage for one prompt record: the record plus `scores` {candidate: log-likelihood}
+    and `prediction` (the best)."""
+    from .generation import check_prompt_record
+
+    text, entries = check_prompt_record(record)
+    ids = model.tokenizer(text, return_tensors="pt").input_ids.to(device)
+    visual = media.visuals(entries).unsqueeze(0) if entries else None
+    with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+        values = score_candidates(model, ids, visual, list(candidates), normalize=normalize,
+                                  batch_size=batch_size, continuation=continuation)
+    scores = dict(zip(candidates, values))
+    return {**record, "scores": scores, "prediction": rank(scores)}
+
+
 def rank(scores: dict[str, float]) -> str:
     """The best-scoring candidate; on a tie the first in the dict's (candidate) order."""
     return max(scores, key=scores.__getitem__)  # max keeps the first of equal maxima

@@ -61,10 +61,12 @@ class VisionEncoder(nn.Module):
         b = pixels.shape[0]
         frames = rearrange(pixels, "b f c h w -> (b f) c h w")
         if self._is_token_model:
-            (patches, prefix), = self.model.forward_intermediates(
+            (out,) = self.model.forward_intermediates(
                 frames, indices=1, norm=self.config.final_norm, output_fmt="NLC",
                 intermediates_only=True, return_prefix_tokens=True,
             )
+            # timm returns (patches, prefix) only when the model has prefix tokens.
+            patches, prefix = out if isinstance(out, tuple) else (out, out[:, :0])
             tokens = torch.cat([prefix, patches], dim=1) if self.config.keep_cls else patches
         else:
             (grid,) = self.model.forward_intermediates(

@@ -1,0 +1,83 @@
+"""Write the toy world's training data, in the formats the flamingo stages read.
+
+    python make_data.py OUT_DIR [--pairs N] [--docs N]
+
+OUT_DIR/tokenizer/      the world's tokenizer (save_pretrained), for the LM and the text tower
+OUT_DIR/images/         one PNG per training image
+OUT_DIR/pairs.jsonl     {"id", "image", "caption"}: for `flamingo contrastive` and caption pairs
+OUT_DIR/docs.jsonl      {"id", "images", "segments"}: interleaved few-shot documents
+
+Only training colour-shape combinations and training label words appear. Seeds here are
+the training seeds; evaluate.py draws from seeds of its own.
+
+    python make_data.py --demo DIR
+
+writes the demo's few held-out images (DIR/images/) and its support set (DIR/shots.jsonl
+with DIR/shots/), the files `make demo` runs on.
+"""
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import world  # noqa: E402
+
+TRAIN_SEED = 0
+
+
+def write_image(item: world.Item, path: Path) -> str:
+    item.image().save(path)
+    return str(path)
+
+
+def training_data(out: Path, pairs: int, docs: int) -> None:
+    world.build_tokenizer().save_pretrained(out / "tokenizer")
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(TRAIN_SEED)
+    with open(out / "pairs.jsonl", "w", encoding="utf-8") as f:
+        for i in range(pairs):
+            item = world.random_item(rng)
+            path = write_image(item, images / f"pair-{i:06d}.png")
+            f.write(json.dumps({"id": f"pair-{i:06d}", "image": path, "caption": item.caption}) + "\n")
+    with open(out / "docs.jsonl", "w", encoding="utf-8") as f:
+        for i in range(docs):
+            items, segments = world.document(rng)
+            paths = [write_image(it, images / f"doc-{i:06d}-{j}.png") for j, it in enumerate(items)]
+            f.write(json.dumps({"id": f"doc-{i:06d}", "images": paths, "segments": segments}) + "\n")
+
+
+def demo_files(out: Path) -> None:
+    """Eight held-out images (three of them combinations never seen in training) and a support
+    set of sixteen training-distribution images with captions, colours and shapes."""
+    rng = random.Random(777)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "shots").mkdir(parents=True, exist_ok=True)
+    queries = [world.random_item(rng) for _ in range(5)] + [world.random_item(rng, world.TEST_COMBOS) for _ in range(3)]
+    for item in queries:
+        write_image(item, out / "images" / f"{item.colour}-{item.shape}.png")
+    with open(out / "shots.jsonl", "w", encoding="utf-8") as f:
+        for i in range(16):
+            item = world.random_item(rng)
+            path = write_image(item, out / "shots" / f"shot-{i:02d}.png")
+            f.write(json.dumps({"id": f"shot-{i:02d}", "image": path, "caption": item.caption,
+                                "colour": item.colour, "shape": item.shape}) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out")
+    parser.add_argument("--pairs", type=int, default=12000)
+    parser.add_argument("--docs", type=int, default=8000)
+    parser.add_argument("--demo", action="store_true", help="write the demo's images and shots instead")
+    args = parser.parse_args()
+    if args.demo:
+        demo_files(Path(args.out))
+    else:
+        training_data(Path(args.out), args.pairs, args.docs)
+
+
+if __name__ == "__main__":
+    main()
