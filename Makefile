@@ -25,8 +25,17 @@ install: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
 
+# The main job on the bundled default model (trained by examples/toy on its shapes world):
+# few-shot captions by beam search, then shapes ranked by likelihood.
+TOY := examples/toy
 demo: $(BIN)/.installed
-	$(BIN)/python examples/demo.py
+	@echo "== flamingo encode $(TOY)/images/ | flamingo generate --shots $(TOY)/shots.jsonl" >&2
+	$(BIN)/flamingo encode -q $(TOY)/images/ | $(BIN)/flamingo generate -q --shots $(TOY)/shots.jsonl \
+		| $(BIN)/python $(TOY)/show.py output
+	@echo "== ... | flamingo prompt --template $(TOY)/templates/shape.yaml | flamingo score" >&2
+	$(BIN)/flamingo encode -q $(TOY)/images/ \
+		| $(BIN)/flamingo prompt --shots $(TOY)/shots.jsonl --template $(TOY)/templates/shape.yaml \
+		| $(BIN)/flamingo score -q | $(BIN)/python $(TOY)/show.py prediction
 
 # Regenerate man/flamingo*.1 from the --help texts (tests check they are current).
 man: $(BIN)/.installed

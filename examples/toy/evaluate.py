@@ -21,6 +21,7 @@ DIR/results.md and DIR/fewshot.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -40,7 +41,7 @@ from flamingo_cli.scoring import score_record  # noqa: E402
 SHOTS = (0, 1, 2, 4)
 TASKS = ("caption", "colour", "shape")
 # Evaluation seeds: training (make_data.py, train_lm.py) uses seeds below 10_000.
-SEEDS = {"support": 70_000, "held_out_images": 50_000, "held_out_combos": 60_000, "tasks": 80_000,
+SEEDS = {"probe": 40_000, "support": 70_000, "held_out_images": 50_000, "held_out_combos": 60_000, "tasks": 80_000,
          "labels": 90_000}
 MAX_NEW_TOKENS = 8
 
@@ -114,7 +115,7 @@ def held_out(runner: Runner, images: Images, n: int, support: list[world.Item]) 
 
 
 def caption_accuracy(runner: Runner, images: Images, n: int, support: list[world.Item]) -> float:
-    """Caption exact match on the first n held-out images: the number the test suite checks."""
+    """Caption exact match on the first n held-out images (4 shots): the number the test suite checks."""
     queries = items(SEEDS["held_out_images"], n)
     return accuracy(runner.generate(qa_records(queries, support, images, "caption")), [q.caption for q in queries])
 
@@ -178,6 +179,46 @@ def curves(runner: Runner, n: int, support: list[world.Item], images: Images, *,
     return out
 
 
+def probe(encoder, images: Images, n_train: int = 1200, n_test: int = 600) -> dict:
+    """Linear-probe accuracy of pooled encoder features for colour and shape: what a frozen
+    encoder hands the resampler. Trained on one set of images, tested on another."""
+    from flamingo_cli.contrastive import pooled_features
+
+    transform = encoder.transform()
+
+    def features(batch):
+        from PIL import Image
+
+        pixels = torch.stack([transform(Image.open(images.path(it)).convert("RGB")) for it in batch])
+        return pooled_features(encoder, pixels).float()
+
+    train, test = items(SEEDS["probe"], n_train), items(SEEDS["probe"] + 1, n_test)
+    x_train, x_test = features(train), features(test)
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    out = {}
+    for attribute, classes in (("colour", list(world.COLOURS)), ("shape", list(world.SHAPES))):
+        y_train = torch.tensor([classes.index(getattr(it, attribute)) for it in train])
+        y_test = torch.tensor([classes.index(getattr(it, attribute)) for it in test])
+        head = torch.nn.Linear(x_train.shape[1], len(classes))
+        optimizer = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=1e-4)
+        for _ in range(300):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(head(x_train), y_train).backward()
+            optimizer.step()
+        out[attribute] = float((head(x_test).argmax(1) == y_test).float().mean())
+    return out
+
+
+def gate_table(metrics_path: Path) -> dict:
+    """tanh of each layer's gates during pretraining, at a few steps, from RUN/metrics.jsonl."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    last = rows[-1]["step"]
+    steps = sorted({s for s in (1, 50, 100, 250, 500, 1000, last) if s <= last})
+    by_step = {r["step"]: r["gates"] for r in rows}
+    return {s: by_step[s] for s in steps if s in by_step}
+
+
 def zero_gates(model) -> None:
     """The ablation: tanh(0) = 0 closes every block, leaving the frozen LM alone."""
     with torch.no_grad():
@@ -186,14 +227,24 @@ def zero_gates(model) -> None:
             block.ff_gate.zero_()
 
 
-def evaluate(ckpt: str, out: Path, n: int, ablation: bool = True) -> dict:
+def evaluate(ckpt: str, out: Path, n: int, *, captions: int = 50, ablation: bool = True,
+             metrics: Path | None = None) -> dict:
+    from flamingo_cli.checkpoint import load_encoder
+
     torch.manual_seed(0)
     model = load_checkpoint(ckpt).eval()
+    random_init = load_encoder(dataclasses.replace(model.config.encoder, weights=None))
+    encoders = {"random_init": probe(random_init, Images(out / "images")),
+                "contrastive": probe(model.encoder, Images(out / "images"))}
     runner = Runner(model, MediaResolver(model))
     images = Images(out / "images")
     support = items(SEEDS["support"], 64)
-    results = {"n": n, "checkpoint": str(ckpt), "caption_50": caption_accuracy(runner, images, 50, support),
-               **held_out(runner, images, n, support), "curves": curves(runner, n, support, images)}
+    results = {"n": n, "checkpoint": str(ckpt),
+               "fixed_captions": {"n": captions, "accuracy": caption_accuracy(runner, images, captions, support)},
+               "encoder_probe": encoders, **held_out(runner, images, n, support),
+               "curves": curves(runner, n, support, images)}
+    if metrics is not None and metrics.exists():
+        results["gates"] = gate_table(metrics)
     if ablation:
         zero_gates(model)
         runner = Runner(model, MediaResolver(model))
@@ -209,8 +260,14 @@ def table(results: dict) -> str:
                         ("held_out_combos", "colour-shape combinations never seen")):
         r = results[name]
         lines.append(f"| {label} | {pct(r['caption'])} | {pct(r['colour'])} | {pct(r['shape'])} |")
-    lines += ["", f"Caption exact match on the 50 fixed held-out images the test suite checks: "
-              f"{pct(results['caption_50'])}.", "",
+    probes = results["encoder_probe"]
+    lines += ["", "Linear probe of pooled encoder features (held-out images):", "",
+              "| encoder | colour | shape |", "|---|---|---|"]
+    for name, label in (("random_init", "random init"), ("contrastive", "contrastive (frozen in Flamingo)")):
+        lines.append(f"| {label} | {pct(probes[name]['colour'])} | {pct(probes[name]['shape'])} |")
+    fixed = results["fixed_captions"]
+    lines += ["", f"Caption exact match on the {fixed['n']} fixed held-out images the test suite checks: "
+              f"{pct(fixed['accuracy'])}.", "",
               "Few-shot curves (accuracy; `generate` / `score`; ablation: `score` with every gate at 0):", "",
               "| curve | " + " | ".join(f"{k} shots" for k in SHOTS) + " |", "|---|" + "---|" * len(SHOTS)]
     names = {"tasks": "task from context", "labels_2way": "novel labels, 2-way", "labels_4way": "novel labels, 4-way"}
@@ -221,6 +278,13 @@ def table(results: dict) -> str:
         if "ablation_gates_0" in results:
             cells = results["ablation_gates_0"][key]
             lines.append(f"| {label}, gates 0 | " + " | ".join(f"{pct(cells[k]['score'])}" for k in SHOTS) + " |")
+    if "gates" in results:
+        layers = list(next(iter(results["gates"].values())))
+        lines += ["", "tanh(gate) per LM layer during pretraining (attention / dense):", "",
+                  "| step | " + " | ".join(f"layer {i}" for i in layers) + " |", "|---|" + "---|" * len(layers)]
+        for step, gates in results["gates"].items():
+            lines.append(f"| {step} | " + " | ".join(
+                f"{gates[i]['attn']:.2f} / {gates[i]['ffw']:.2f}" for i in layers) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -258,10 +322,16 @@ def main() -> None:
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--out", default="results")
     parser.add_argument("--n", type=int, default=100, help="queries (or episodes) per cell")
+    parser.add_argument("--captions", type=int, default=50, help="fixed held-out images for the caption check")
     parser.add_argument("--no-ablation", action="store_true")
+    parser.add_argument("--metrics", type=Path, help="the pretraining run's metrics.jsonl, for the gate table")
     args = parser.parse_args()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     out = Path(args.out)
-    results = evaluate(args.ckpt, out, args.n, ablation=not args.no_ablation)
+    results = evaluate(args.ckpt, out, args.n, captions=args.captions, ablation=not args.no_ablation,
+                       metrics=args.metrics)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(table(results))
     plot(results, out / "fewshot.png")

@@ -1,0 +1,142 @@
+"""The toy world (examples/toy), its recipe at a tiny size, and the bundled default model it trained."""
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TOY = ROOT / "examples" / "toy"
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(TOY))
+
+import world  # noqa: E402
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "FLAMINGO_CKPT"}
+    return {**env, "PATH": f"{BIN}:{env['PATH']}", **extra}
+
+
+# -- the world ------------------------------------------------------------------------------
+
+def test_held_out_words_and_combinations_never_reach_training_text(tmp_path):
+    held_out_labels = set(world.HELD_OUT_LABELS)
+    held_out_captions = {world.Item(c, s, 0).caption for c, s in world.HELD_OUT_COMBOS}
+    held_out_items = {f"{c} {s}" for c, s in world.HELD_OUT_COMBOS}
+    assert not held_out_labels & set(world.TRAIN_LABELS)
+    assert not set(world.TEST_COMBOS) & set(world.TRAIN_COMBOS)
+
+    rng = random.Random(0)
+    vocabulary = world.WORDS + world.SYLLABLES + world.TRAIN_LABELS
+    for _ in range(3000):
+        text = world.lm_sample(rng, vocabulary)
+        assert not set(text.split()) & held_out_labels, text
+        assert not any(item in text for item in held_out_items), text
+
+    subprocess.run([sys.executable, str(TOY / "make_data.py"), str(tmp_path), "--pairs", "200", "--docs", "100"],
+                   check=True)
+    for line in (tmp_path / "pairs.jsonl").read_text().splitlines():
+        assert json.loads(line)["caption"] not in held_out_captions
+    for line in (tmp_path / "docs.jsonl").read_text().splitlines():
+        doc = json.loads(line)
+        texts = [s for s in doc["segments"] if isinstance(s, str)]
+        assert len(doc["images"]) == len(texts) and all(isinstance(s, int) for s in doc["segments"][::2])
+        for text in texts:
+            assert not set(re.findall(r"\w+", text)) & held_out_labels
+            assert not any(c in text for c in held_out_captions)
+
+
+def test_label_words_tokenize_into_known_syllables():
+    tokenizer = world.build_tokenizer()
+    for word in world.HELD_OUT_LABELS[:50]:
+        pieces = tokenizer.tokenize(word)
+        assert len(pieces) == 2 and tokenizer.unk_token not in pieces
+        assert tokenizer.decode(tokenizer(word).input_ids) == word
+    ids = tokenizer("Output: a red circle").input_ids
+    assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == "Output : a red circle"
+
+
+def test_images_are_a_pure_function_of_the_item():
+    item = world.Item("red", "circle", 42)
+    assert item.image().tobytes() == world.Item("red", "circle", 42).image().tobytes()
+    assert item.image().tobytes() != world.Item("red", "circle", 43).image().tobytes()
+    assert item.image().size == (world.IMAGE_SIZE, world.IMAGE_SIZE)
+
+
+# -- the recipe -----------------------------------------------------------------------------
+
+def test_tiny_recipe_runs_end_to_end(tmp_path):
+    """Every step of `make -C examples/toy` (data, LM, contrastive encoder, init, feature shards,
+    pretrain, evaluation) at a size that takes about a minute."""
+    out, results = tmp_path / "out", tmp_path / "results"
+    sizes = dict(OUT=out, RESULTS=results, PYTHON=sys.executable, PAIRS=48, DOCS=16, LM_STEPS=2,
+                 LM_EVAL_EPISODES=2, CONTRASTIVE_STEPS=2, CONTRASTIVE_BATCH=16, PRETRAIN_STEPS=2, DOCS_BATCH=4,
+                 PAIRS_BATCH=4, SAVE_EVERY=1, SHARD_SIZE=32, EVAL_N=1, EVAL_CAPTIONS=2)
+    r = subprocess.run(["make", "-C", str(TOY), "all", "eval", *(f"{k}={v}" for k, v in sizes.items())],
+                       env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    assert json.loads((out / "lm" / "icl.json").read_text())["steps"] == 2
+    metrics = [json.loads(line) for line in (out / "encoder" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    run_metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in run_metrics] == [1, 2] and set(run_metrics[0]["loss"]) == {"docs", "pairs"}
+
+    from safetensors.torch import load_file
+
+    from flamingo_cli.checkpoint import load_checkpoint
+
+    model = load_checkpoint(out / "run" / "checkpoint")
+    trained = load_file(str(out / "encoder" / "encoder.safetensors"))
+    for name, tensor in model.encoder.model.state_dict().items():
+        assert (tensor == trained[name]).all(), f"the checkpoint's encoder is not the contrastive one: {name}"
+    summary = json.loads((results / "results.json").read_text())
+    assert {"held_out_images", "held_out_combos", "curves", "ablation_gates_0"} <= set(summary)
+    assert set(summary["curves"]["labels_2way"]) == {"0", "1", "2", "4"}
+    assert (results / "fewshot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| task from context |" in (results / "results.md").read_text()
+
+
+# -- the bundled default model --------------------------------------------------------------
+
+RESULTS = json.loads((TOY / "results" / "results.json").read_text())
+
+
+def test_bundled_model_reaches_the_stated_caption_accuracy():
+    """The README's caption exact match on 50 fixed held-out images, minus a small margin."""
+    import evaluate
+
+    from flamingo_cli.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
+    from flamingo_cli.media import MediaResolver
+
+    model = load_checkpoint(BUNDLED_CHECKPOINT).eval()
+    runner = evaluate.Runner(model, MediaResolver(model))
+    images = evaluate.Images(Path(os.environ.get("TMPDIR", "/tmp")) / "flamingo-toy-test-images")
+    support = evaluate.items(evaluate.SEEDS["support"], 64)
+    accuracy = evaluate.caption_accuracy(runner, images, 50, support)
+    stated = RESULTS["fixed_captions"]
+    assert stated["n"] == 50
+    assert accuracy >= stated["accuracy"] - 0.04, (accuracy, stated)
+    assert f"{100 * stated['accuracy']:.0f}%" in (ROOT / "README.md").read_text()
+
+
+def test_stages_default_to_the_bundled_model_and_say_so(tmp_path):
+    image = TOY / "images" / "purple-cross.png"
+    r = subprocess.run(["bash", "-c", f"set -euo pipefail; flamingo encode {image} "
+                        f"| flamingo generate --shots {TOY / 'shots.jsonl'} -k 4"],
+                       cwd=ROOT, env=_env(FLAMINGO_CACHE=str(tmp_path / "cache")), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "bundled toy model" in r.stderr
+    (record,) = [json.loads(line) for line in r.stdout.splitlines()]
+    assert record["output"] == "a purple cross"
+
+
+def test_pretrain_still_needs_an_explicit_checkpoint(tmp_path):
+    r = subprocess.run([str(BIN / "flamingo"), "pretrain", "--run-dir", str(tmp_path / "run"), "--data", "x=y.tar"],
+                       env=_env(), capture_output=True, text=True)
+    assert r.returncode == 2 and "no checkpoint" in r.stderr
