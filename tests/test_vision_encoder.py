@@ -70,6 +70,16 @@ def test_vit_keep_cls_prepends_prefix_tokens():
     torch.testing.assert_close(out[:, :, prefix:], dropped(x), atol=0, rtol=0)
 
 
+def test_vit_without_prefix_tokens_returns_every_patch():
+    """No class token (the toy world's encoder): all patches, the same as forward_features."""
+    enc = _encoder("test_vit", kwargs={"img_size": VIT_SIZE, "class_token": False, "global_pool": "avg"},
+                   final_norm=True, keep_cls=True)
+    x = _pixels(2, 3, VIT_SIZE, VIT_SIZE)
+    tokens = enc(x)
+    assert tokens.shape == (2, 1, 16, enc.dim)
+    assert torch.allclose(tokens[:, 0], enc.model.forward_features(x), atol=1e-6)
+
+
 def test_vit_final_norm_true_matches_forward_features():
     enc = _vit(final_norm=True)
     x = _pixels(2, 3, VIT_SIZE, VIT_SIZE)
