@@ -564,6 +564,9 @@ def contrastive(input, out_dir, encoder, encoder_arg, tokenizer, steps, batch_si
         raise ArtifactError(f"{tokenizer}: cannot load a tokenizer ({str(e).splitlines()[0][:160]})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
+    if text_width % ContrastiveConfig.text_heads:
+        raise click.BadParameter(f"must be a multiple of the text tower's {ContrastiveConfig.text_heads} heads",
+                                 param_hint="--text-width")
     config = ContrastiveConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay,
                                embed_dim=embed_dim, text_width=text_width, text_layers=text_layers, dtype=dtype,
                                seed=seed)

@@ -133,6 +133,16 @@ def task_records(n: int, k: int, support: list[world.Item], images: Images) -> l
     return out
 
 
+def bare_task_records(n: int, images: Images) -> list[dict]:
+    """Task from context with no context at all: the query image alone, no text examples either.
+    What the model does unprompted, against which the paper's zero-shot prompt (two text-only
+    examples, which do name the task) is read."""
+    template = load_template("captioning")
+    return [{**record(it, images, f"bare-{i}", caption=it.answer(task)), "prompt": template.query,
+             "media": [images.path(it)]} for i, (it, task) in enumerate(
+                 zip(items(SEEDS["tasks"], n), [TASKS[i % 3] for i in range(n)]))]
+
+
 ALL_ANSWERS = sorted({world.Item(c, s, 0).caption for c in world.COLOURS for s in world.SHAPES}
                      | set(world.COLOURS) | set(world.SHAPES))
 
@@ -162,6 +172,9 @@ def label_records(n: int, ways: int, k: int, images: Images) -> list[dict]:
 
 def curves(runner: Runner, n: int, support: list[world.Item], images: Images, *, generate: bool = True) -> dict:
     out = {"tasks": {}, "labels_2way": {}, "labels_4way": {}}
+    records = bare_task_records(n, images)
+    out["tasks_without_examples"] = {"score": accuracy(runner.score(records, lambda r: ALL_ANSWERS),
+                                                       [r["caption"] for r in records])}
     for k in SHOTS:
         records = task_records(n, k, support, images)
         truths = [r["caption"] for r in records]
@@ -278,6 +291,9 @@ def table(results: dict) -> str:
         if "ablation_gates_0" in results:
             cells = results["ablation_gates_0"][key]
             lines.append(f"| {label}, gates 0 | " + " | ".join(f"{pct(cells[k]['score'])}" for k in SHOTS) + " |")
+    bare = results["curves"]["tasks_without_examples"]["score"]
+    lines += ["", "Zero shots follow the paper: two text-only examples, which name the task. With no examples at "
+              f"all (the query image alone), task from context scores {pct(bare)} by `score`."]
     if "gates" in results:
         layers = list(next(iter(results["gates"].values())))
         lines += ["", "tanh(gate) per LM layer during pretraining (attention / dense):", "",
