@@ -207,9 +207,6 @@ def lm_sample(rng: random.Random, vocabulary: list[str]) -> str:
 
 # -- documents for Flamingo -----------------------------------------------------------------
 
-TASK_SHOT = {"caption": "Output: {answer}", "colour": "Output: {answer}", "shape": "Output: {answer}"}
-
-
 def document(rng: random.Random, max_images: int = 5) -> tuple[list[Item], list]:
     """An interleaved training document: (items, segments), segments being text and image
     indices as `flamingo encode --wds` expects. Each text follows its image."""
