@@ -70,6 +70,11 @@ class TextTower(nn.Module):
         return (x * m).sum(1) / m.sum(1).clamp(min=1)
 
 
+def pool(image_model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """timm's own pooling, what forward_head sees before its classifier: (b, 3, h, w) -> (b, d)."""
+    return image_model.forward_head(image_model.forward_features(pixels), pre_logits=True)
+
+
 class DualEncoder(nn.Module):
     """Image and text towers projected into one space, with a learned temperature."""
 
@@ -81,9 +86,7 @@ class DualEncoder(nn.Module):
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
 
     def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        # timm's own pooling: what forward_head sees before its classifier.
-        pooled = self.image.forward_head(self.image.forward_features(pixels), pre_logits=True)
-        return F.normalize(self.image_proj(pooled).float(), dim=-1)
+        return F.normalize(self.image_proj(pool(self.image, pixels)).float(), dim=-1)
 
     def embed_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text(ids, mask)).float(), dim=-1)
@@ -140,7 +143,7 @@ def train_contrastive(records: list[dict], encoder_config: EncoderConfig, tokeni
     text = TextTower(len(tokenizer), width=config.text_width, layers=config.text_layers,
                      heads=config.text_heads, max_tokens=config.max_text_tokens)
     model = DualEncoder(image_tower, encoder.dim, text, config.text_width, config.embed_dim).to(device)
-    no_decay = {id(model.log_scale)} | {id(p) for n, p in model.named_parameters() if p.ndim < 2}
+    no_decay = {id(p) for p in model.parameters() if p.ndim < 2}  # norms, biases, the temperature
     params = list(model.parameters())
     optimizer = torch.optim.AdamW([
         {"params": [p for p in params if id(p) not in no_decay], "weight_decay": config.weight_decay},
@@ -201,12 +204,9 @@ def save_encoder(model: nn.Module, config: EncoderConfig, out_dir: str | Path, *
     from .artifacts import atomic_path
 
     out_dir = Path(out_dir)
-    files = {ENCODER_WEIGHTS_FILE: {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}}
-    for name, tensors in (extra or {}).items():
-        files[name] = {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
-    for name, tensors in files.items():
+    for name, tensors in {ENCODER_WEIGHTS_FILE: model.state_dict(), **(extra or {})}.items():
         with atomic_path(out_dir / name) as tmp:
-            save_file(tensors, str(tmp))
+            save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
     described = EncoderConfig(**{**asdict(config), "weights": ENCODER_WEIGHTS_FILE})
     text = yaml.safe_dump({"encoder": asdict(described), **({"training": training} if training else {})},
                           sort_keys=False)
@@ -239,7 +239,6 @@ def read_encoder_dir(directory: str | Path) -> EncoderConfig:
 
 
 def pooled_features(encoder: VisionEncoder, pixels: torch.Tensor) -> torch.Tensor:
-    """The pooled image embedding the contrastive loss saw, for probes: (b, 3, h, w) -> (b, d)."""
+    """The pooled image embedding the contrastive loss saw, from a frozen encoder, for probes."""
     with torch.no_grad():
-        model = encoder.model
-        return model.forward_head(model.forward_features(pixels), pre_logits=True)
+        return pool(encoder.model, pixels)

@@ -146,17 +146,13 @@ def build_tokenizer():
 
 # -- text for the language model ------------------------------------------------------------
 
-def _episode_classes(rng: random.Random, ways: int, combos) -> list[tuple[str, str]]:
-    return rng.sample(combos, ways)
-
-
 def text_episode(rng: random.Random, labels=TRAIN_LABELS, combos=TRAIN_COMBOS, ways: int | None = None,
                  shots: int | None = None) -> tuple[str, str, list[str]]:
     """A text-only few-shot episode: made-up words bound to items for this episode only.
     Returns (context ending where the answer goes, answer, the episode's label words)."""
     ways = ways or rng.choice([2, 2, 3, 4])
     shots = shots if shots is not None else rng.randint(ways, 8)
-    classes = _episode_classes(rng, ways, combos)
+    classes = rng.sample(combos, ways)
     words = rng.sample(labels, ways)
     order = [i % ways for i in range(ways)] + [rng.randrange(ways) for _ in range(max(0, shots - ways))]
     rng.shuffle(order)
@@ -215,7 +211,7 @@ def document(rng: random.Random, max_images: int = 5) -> tuple[list[Item], list]
     segments: list = []
     if kind < 0.45:  # few-shot episode with label words bound for this document only
         ways = rng.choice([2, 2, 3, 4])
-        classes = _episode_classes(rng, ways, TRAIN_COMBOS)
+        classes = rng.sample(TRAIN_COMBOS, ways)
         words = rng.sample(TRAIN_LABELS, ways)
         order = [rng.randrange(ways) for _ in range(n)]
         items = [Item(*classes[i], rng.getrandbits(32)) for i in order]
