@@ -13,8 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -51,7 +54,13 @@ def read_state_file(path: str | Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr; the error says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e)) or re.search(r"WeightsUnpickler error: \s*(.+)", str(e))
+        raise CheckpointError(f"{path}: refusing to unpickle: not a plain file of tensors (weights_only=True"
+                              + (f": {found.group(1).strip()}" if found else "") + ")") from None
     except Exception as e:  # corrupt files raise many types; all mean the same to the user
         raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -62,35 +71,58 @@ def read_state_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str) -> None:
-    """Raise one CheckpointError naming every missing, unexpected or mis-shaped key."""
+    """Raise one CheckpointError naming the missing, unexpected or mis-shaped keys."""
     problems = []
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     shapes = sorted(k for k in set(expected) & set(found) if tuple(expected[k].shape) != tuple(found[k].shape))
     if missing:
-        problems.append("missing " + ", ".join(missing))
+        problems.append("missing " + listing(missing))
     if unexpected:
-        problems.append("unexpected " + ", ".join(unexpected))
+        problems.append("unexpected " + listing(unexpected))
     if shapes:
-        problems.append("wrong shape " + ", ".join(
-            f"{k} (file {list(found[k].shape)}, model {list(expected[k].shape)})" for k in shapes))
+        problems.append("wrong shape " + listing(
+            [f"{k} (file {list(found[k].shape)}, model {list(expected[k].shape)})" for k in shapes]))
     if problems:
         raise CheckpointError(f"{source}: " + "; ".join(problems))
+
+
+def listing(items: list[str], limit: int = 6) -> str:
+    """Names for a one-line error: the first few, and how many more."""
+    shown = ", ".join(items[:limit])
+    return shown if len(items) <= limit else f"{shown} and {len(items) - limit} more"
 
 
 def load_encoder(config: EncoderConfig, base: Path | None = None) -> VisionEncoder:
     import timm
 
+    pretrained = config.pretrained and not config.weights
     try:
-        model = timm.create_model(config.name, pretrained=False, **config.kwargs)
+        model = timm.create_model(config.name, pretrained=pretrained, **config.kwargs)
     except Exception as e:
-        raise ConfigError(f"encoder {config.name!r}: {e}") from None
+        hint = " (pretrained weights are downloaded: give a local file with encoder.weights offline)" if pretrained else ""
+        raise ConfigError(f"encoder {config.name!r}: {str(e).splitlines()[0]}{hint}") from None
     if config.weights:
         path = _resolve(config.weights, base)
-        state = read_state_file(path)
+        state = timm_layout(read_state_file(path), model)
         check_state_dict(model.state_dict(), state, path)
         model.load_state_dict(state)
     return VisionEncoder(config, model)
+
+
+def timm_layout(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Encoder weights in timm's names. An open_clip CLIP state dict (OpenAI's ViT-L/14 as
+    OpenFlamingo uses it, with or without its text tower, or its `visual` module alone) is
+    converted by timm's own converter; other layouts pass through for the strict check."""
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    if not isinstance(model, VisionTransformer):
+        return state
+    if "class_embedding" in state and "conv1.weight" in state:  # the visual module's own state dict
+        state = {f"visual.{k}": v for k, v in state.items()}
+    if "visual.class_embedding" not in state:
+        return state
+    return checkpoint_filter_fn(state, model)
 
 
 def encoder_identity(config: EncoderConfig, base: Path | None = None) -> str:
@@ -101,7 +133,7 @@ def encoder_identity(config: EncoderConfig, base: Path | None = None) -> str:
     if config.weights:
         h.update(digest_file(_resolve(config.weights, base)).encode())
     else:
-        h.update(b"random-init")
+        h.update(b"timm-pretrained" if config.pretrained else b"random-init")
     return f"{config.name}@{h.hexdigest()[:16]}"
 
 
@@ -120,7 +152,7 @@ def load_lm(config: LMConfig, base: Path | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision)
         lm = AutoModelForCausalLM.from_pretrained(path, revision=config.revision, dtype=DTYPES[config.dtype])
-    except OSError as e:
+    except (OSError, ValueError) as e:  # missing files; a model type this transformers has no class for
         raise CheckpointError(f"LM {path}: {str(e).splitlines()[0]}") from None
     return lm, tokenizer
 

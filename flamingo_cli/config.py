@@ -20,7 +20,8 @@ END_OF_CHUNK_TOKEN = "<|endofchunk|>"
 @dataclass
 class EncoderConfig:
     name: str = "vit_large_patch14_clip_224.openai"  # any timm model name
-    weights: str | None = None  # local weights file (.safetensors or torch); None = random init
+    weights: str | None = None  # local weights file (.safetensors or torch; timm or open_clip layout)
+    pretrained: bool = False  # with no weights file: timm's own pretrained weights (downloaded; needs a network)
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments (img_size, depth, ...)
     keep_cls: bool = False  # keep the prefix (CLS/register) tokens; OpenFlamingo drops them
     final_norm: bool = False  # tokens after the final norm; OpenFlamingo's weights saw them *before* it

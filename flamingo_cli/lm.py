@@ -94,11 +94,14 @@ class EmbeddingWithNewRows(nn.Module):
 
 
 class HeadWithNewRows(nn.Module):
-    """Frozen LM head plus logits for the new tokens, placed at their ids."""
+    """Frozen LM head plus logits for the new tokens, placed at their ids; one logit per
+    tokenizer id. Rows an LM pads its vocabulary with (MPT, Pythia) are dropped, as
+    OpenFlamingo's resize to the tokenizer drops them: no tokenizer id can name them."""
 
-    def __init__(self, base: nn.Linear, rows: NewTokenRows):
+    def __init__(self, base: nn.Linear, rows: NewTokenRows, vocab_size: int):
         super().__init__()
         self.base = base
+        self.vocab_size = vocab_size
         object.__setattr__(self, "rows", rows)
 
     @property
@@ -113,13 +116,14 @@ class HeadWithNewRows(nn.Module):
         if r.first_id > vocab:  # tokenizer ids with no LM row (e.g. a pad the LM never saw): never predicted
             parts.append(logits.new_full((*logits.shape[:-1], r.first_id - vocab), torch.finfo(logits.dtype).min))
         parts.append((h @ r.output_rows.to(h.dtype).T).to(logits.dtype))
-        parts.append(logits[..., end:])
+        parts.append(logits[..., end:self.vocab_size])
         return torch.cat(parts, dim=-1)
 
 
-def attach_new_token_rows(lm: nn.Module, first_id: int, count: int) -> NewTokenRows:
+def attach_new_token_rows(lm: nn.Module, first_id: int, count: int, vocab_size: int) -> NewTokenRows:
     """Route the LM's embedding and head through new trainable rows for ids
-    [first_id, first_id+count). New rows start at the mean of the LM's own rows."""
+    [first_id, first_id+count), with logits for the vocab_size ids of the tokenizer.
+    New rows start at the mean of the LM's own rows."""
     emb = lm.get_input_embeddings()
     head = lm.get_output_embeddings()
     if not isinstance(emb, nn.Embedding) or not isinstance(head, nn.Linear):
@@ -133,5 +137,5 @@ def attach_new_token_rows(lm: nn.Module, first_id: int, count: int) -> NewTokenR
             init_out=None if tied else head.weight.float().mean(0, keepdim=True),
         )
     lm.set_input_embeddings(EmbeddingWithNewRows(emb, rows))
-    lm.set_output_embeddings(HeadWithNewRows(head, rows))
+    lm.set_output_embeddings(HeadWithNewRows(head, rows, max(vocab_size, first_id + count)))
     return rows

@@ -77,7 +77,7 @@ class Flamingo(nn.Module):
             str(i): GatedXAttnDense(dim=hidden, dim_visual=config.resampler.dim, config=config.xattn)
             for i in xattn_layer_indices(len(layers), config.xattn.every, config.xattn.placement)
         })
-        self.new_tokens = attach_new_token_rows(lm, new_ids[0], len(new_ids))
+        self.new_tokens = attach_new_token_rows(lm, new_ids[0], len(new_ids), len(tokenizer))
         self.lm = lm.requires_grad_(False).eval()
         lm._flamingo_wrapped = True
         self._cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"

@@ -269,24 +269,27 @@ def test_new_token_rows_land_at_their_ids_even_past_a_gap():
     from flamingo_cli.lm import EmbeddingWithNewRows, HeadWithNewRows, NewTokenRows
 
     base_emb, base_head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
-    for first in (10, 12, 7):  # right after the LM's rows, after a gap, inside padding rows
+    # right after the LM's rows, after a gap, inside padding rows (dropped past the tokenizer),
+    # and tokens the tokenizer already had, with more ids after them
+    for first, vocab_size in ((10, 12), (12, 14), (7, 9), (5, 10)):
         rows = NewTokenRows(first_id=first, count=2, dim_in=4, dim_out=4, init_in=torch.randn(1, 4),
                             init_out=torch.randn(1, 4))
         with torch.no_grad():
             rows.input.copy_(torch.randn(2, 4))
             rows.output.copy_(torch.randn(2, 4))
-        emb, head = EmbeddingWithNewRows(base_emb, rows), HeadWithNewRows(base_head, rows)
+        emb, head = EmbeddingWithNewRows(base_emb, rows), HeadWithNewRows(base_head, rows, vocab_size)
         ids = torch.tensor([[0, 5, first, first + 1]])
         out = emb(ids)
         assert torch.equal(out[0, :2], base_emb(ids[0, :2]))
         assert torch.equal(out[0, 2:], rows.input)
         h = torch.randn(3, 4)
         logits = head(h)
-        assert logits.shape[-1] == max(10, first + 2)
+        assert logits.shape[-1] == vocab_size
         assert torch.allclose(logits[:, first:first + 2], h @ rows.output.T)
         assert torch.equal(logits[:, :min(first, 10)], base_head(h)[:, :min(first, 10)])
         if first > 10:
             assert (logits[:, 10:first] == torch.finfo(logits.dtype).min).all()
+        assert torch.equal(logits[:, first + 2:], base_head(h)[:, first + 2:vocab_size])
 
 
 def test_next_image_mode_attends_to_the_following_image(make_model):

@@ -70,6 +70,8 @@ def test_openflamingo_init_presets(name):
     assert config.lm.path == lm
     assert config.encoder.name == "vit_large_patch14_clip_224.openai"
     assert config.encoder.keep_cls is False and config.encoder.final_norm is False
+    # OpenAI's CLIP towers use QuickGELU; timm's .openai config alone would build plain GELU.
+    assert config.encoder.kwargs == {"act_layer": "quick_gelu"} and config.encoder.pretrained is True
     r = config.resampler
     assert (r.dim, r.depth, r.heads, r.dim_head, r.num_latents, r.ff_mult, r.max_frames, r.activation) == (
         1024, 6, 8, 64, 64, 4, 0, "gelu")
