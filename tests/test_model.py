@@ -278,7 +278,7 @@ def test_new_token_rows_land_at_their_ids_even_past_a_gap():
             rows.input.copy_(torch.randn(2, 4))
             rows.output.copy_(torch.randn(2, 4))
         emb, head = EmbeddingWithNewRows(base_emb, rows), HeadWithNewRows(base_head, rows, vocab_size)
-        ids = torch.tensor([[0, 5, first, first + 1]])
+        ids = torch.tensor([[0, 3, first, first + 1]])
         out = emb(ids)
         assert torch.equal(out[0, :2], base_emb(ids[0, :2]))
         assert torch.equal(out[0, 2:], rows.input)

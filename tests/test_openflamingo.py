@@ -263,3 +263,18 @@ def test_accepts_module_prefix_and_the_older_alias(tmp_path, imported):
     weights = load(str(out / "model.safetensors"))
     for name, tensor in reference.trainable_state_dict().items():
         assert torch.equal(weights[name], tensor.float()), name
+
+
+def test_encoder_weights_in_any_of_open_clips_layouts(tmp_path, imported):
+    # The whole CLIP state dict (as open_clip saves it, text tower included), or the visual
+    # module's alone: both are converted by timm's converter into the same encoder.
+    from flamingo_cli.checkpoint import load_encoder
+
+    full = torch.load(GOLDEN / "clip.pt", weights_only=True)
+    visual = {k.removeprefix("visual."): v for k, v in full.items() if k.startswith("visual.")}
+    torch.save(visual, tmp_path / "visual.pt")
+    config = preset(1).encoder
+    config.weights = str(tmp_path / "visual.pt")
+    reference, _ = imported("mpt")
+    assert all(torch.equal(a, b) for a, b in zip(load_encoder(config).model.state_dict().values(),
+                                                 reference.encoder.model.state_dict().values()))

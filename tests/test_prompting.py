@@ -54,6 +54,13 @@ RECORD = {
             f'<image>is an image with written: "look at this" on it. Is it hateful? Answer: yes{EOC}',
             '<image>is an image with written: "look at this" on it. Is it hateful? Answer:',
         ),
+        # OpenFlamingo's own evaluation prompts, newline-joined, for its imported weights
+        ("openflamingo-captioning", f"<image>Output:A dog on a beach.{EOC}\n", "<image>Output:"),
+        (
+            "openflamingo-vqa",
+            f"<image>Question:What colour is the bus? Short answer:red{EOC}\n",
+            "<image>Question:What colour is the bus? Short answer:",
+        ),
     ],
 )
 def test_shipped_templates_render_the_paper_prompts(name, shot, query):
