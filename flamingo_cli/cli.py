@@ -305,9 +305,10 @@ def shot_options(f):
     return f
 
 
-def _prompt_records(queries: list[dict], shots_file: str, k: int, select: str, seed: int, template_name: str):
+def _prompt_records(queries: list[dict], shots_file: str, k: int, select: str, seed: int, template_name: str,
+                    ensembles: int = 1):
     from .artifacts import read_records_file
-    from .prompting import load_template, make_prompt_record
+    from .prompting import load_template, make_prompt_records
 
     template = load_template(template_name)
     support = read_records_file(shots_file)
@@ -315,7 +316,8 @@ def _prompt_records(queries: list[dict], shots_file: str, k: int, select: str, s
     out = []
     for i, query in enumerate(queries):
         kw = {} if vectors is None else {"query_vector": vectors[0][i], "support_vectors": vectors[1]}
-        out.append(make_prompt_record(template, query, support, k=k, method=select, seed=seed, **kw))
+        out.extend(make_prompt_records(template, query, support, k=k, method=select, seed=seed,
+                                       ensembles=ensembles, **kw))
     return out
 
 
@@ -448,13 +450,17 @@ def resample(input, ckpt, output, device, seed, quiet, out_dir):
 @click.argument("input", default="-", type=click.Path(allow_dash=True))
 @stage_options(ckpt=False)
 @shot_options
-def prompt(input, output, device, seed, quiet, shots, k, select, template):
+@click.option("--ensembles", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Prompt ensembling for close-ended tasks: one record per order of the same shots, up to N "
+              "(the paper averages 6); flamingo evaluate averages their scores.")
+def prompt(input, output, device, seed, quiet, shots, k, select, template, ensembles):
     """Build interleaved few-shot prompts.
 
     Reads query records and adds `prompt` (text with <image> markers and
     <|endofchunk|>), `media` (one entry per <image>, in order), `shots` (the ids of
     the demonstrations, in prompt order) and `template`. Shots depend only on --seed
-    and the query id. Runs as a single process.
+    and the query id. With --ensembles N, each query gives min(N, k!) records, the
+    same shots in different orders, each with an `ensemble` number. Runs as a single process.
     """
     from .artifacts import write_records
 
@@ -463,7 +469,7 @@ def prompt(input, output, device, seed, quiet, shots, k, select, template):
         raise click.UsageError("--shots FILE is required")
     records = _records(input)
     with open_output(output) as out:
-        write_records(out, _prompt_records(records, shots, k, select, seed, template))
+        write_records(out, _prompt_records(records, shots, k, select, seed, template, ensembles))
 
 
 @cli.command(short_help="Generate answers for prompt records.")
@@ -548,6 +554,113 @@ def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, 
             write_records(out, [score_record(model, record, media, list(candidates), normalize=normalize,
                                              batch_size=batch_size, device=device, dtype=_dtype(dtype), **kw)])
             bar.update(1)
+
+
+BENCHMARK_NAMES = ["vqav2", "okvqa", "vizwiz", "textvqa", "coco", "flickr30k", "hatefulmemes", "imagenet"]
+
+
+@cli.command(short_help="Turn a benchmark's own annotation files into query/support records.")
+@click.argument("bench", type=click.Choice(BENCHMARK_NAMES))
+@click.argument("root", type=click.Path(file_okay=False))
+@click.option("--split", help="The benchmark's split (train, val, test, dev_seen, ...); required unless --classes.")
+@click.option("--sample", "n", type=click.IntRange(min=0), help="Keep a seeded random N of the split (file order kept).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --sample.")
+@click.option("--classes", is_flag=True, help="imagenet: write the class names (one per line, synset order) instead.")
+@click.option("-o", "--output", default="-", show_default=True, help="Write records here (atomically); - is stdout.")
+def data(bench, root, split, n, seed, classes, output):
+    """Read benchmark BENCH from ROOT, its download in the benchmark's native layout, and write
+    one record per example: `id`, `image`, `split` and the references its metric needs
+    (VQA: question, answers, answer; captioning: caption, captions; HatefulMemes: text,
+    label; ImageNet: label, synset). The layouts:
+
+    \b
+    vqav2         v2_OpenEnded_mscoco_{split}2014_questions.json, v2_mscoco_{split}2014_annotations.json,
+                  {split}2014/COCO_{split}2014_<id>.jpg
+    okvqa         OpenEnded_mscoco_{split}2014_questions.json, mscoco_{split}2014_annotations.json, COCO images
+    vizwiz        Annotations/{split}.json, {split}/<image>
+    textvqa       TextVQA_0.5.1_{split}.json, train_images/<image_id>.jpg
+    coco          dataset_coco.json (Karpathy; train includes restval), <filepath>/<filename>
+    flickr30k     dataset_flickr30k.json (Karpathy), flickr30k-images/<filename>
+    hatefulmemes  {split}.jsonl (train, dev_seen, dev_unseen, test_seen, test_unseen), img/<id>.png
+    imagenet      LOC_synset_mapping.txt, LOC_val_solution.csv, ILSVRC/Data/CLS-LOC/{train,val}/...
+    """
+    from .artifacts import write_records
+    from .benchmarks import imagenet_classnames, read_benchmark, sample
+
+    if classes:
+        if bench != "imagenet":
+            raise click.UsageError("--classes is for imagenet")
+        with open_output(output) as out:
+            out.write("".join(name + "\n" for name in imagenet_classnames(root)))
+        return
+    if not split:
+        raise click.UsageError("--split is required")
+    records = sample(read_benchmark(bench, root, split), n, seed)
+    with open_output(output) as out:
+        write_records(out, records)
+
+
+@cli.command(short_help="Score predictions: VQA accuracy, CIDEr-D, top-1, ROC-AUC.")
+@click.argument("input", default="-", type=click.Path(allow_dash=True))
+@click.option("-c", "--config", callback=_load_preset, is_eager=True, expose_value=False,
+              help="Preset NAME (stages/evaluate/NAME.yaml, one per benchmark) or YAML FILE of option defaults.")
+@click.option("--metric", type=click.Choice(["vqa", "cider", "top1", "roc_auc"]), required=True,
+              help="vqa: the VQA evaluator's accuracy; cider: CIDEr-D; top1; roc_auc: from P(yes) vs P(no).")
+@click.option("--references", type=click.Path(dir_okay=False),
+              help="Records holding the references, joined by id (default: the predictions carry them).")
+@click.option("--cut-at", "cut", multiple=True,
+              help="Cut a generated answer at the first occurrence of this text (repeat), e.g. Question.")
+@click.option("--strip-quotes", is_flag=True, help="Delete double quotes from generated answers.")
+@click.option("--vqa-evaluator", type=click.Choice(["official", "openflamingo"]), default="official",
+              show_default=True, help="vqa: the official evaluator, or OpenFlamingo's copy, which also normalises "
+              "the human answers (case, number words, articles) and so scores higher on unnormalised ones.")
+@click.option("--positive", default="yes", show_default=True, help="roc_auc: the positive candidate.")
+@click.option("--negative", default="no", show_default=True, help="roc_auc: the negative candidate.")
+@click.option("--per-example", type=click.Path(dir_okay=False),
+              help="Also write one record per example (id, prediction, score) here, atomically.")
+@click.option("--tag", multiple=True, help="KEY=VALUE to record in the summary (e.g. shots=4); repeat.")
+@click.option("-o", "--output", default="-", show_default=True, help="Write the JSON summary here (atomically).")
+def evaluate(input, metric, references, cut, strip_quotes, vqa_evaluator, positive, negative, per_example, tag,
+             output):
+    """Score prediction records (from generate or score) against their references and print
+    a one-line JSON summary: {"metric", "score", "n", ...}; scores are in percent, as papers
+    report them. Records sharing an id (prompt --ensembles) are one query: their candidate
+    log-likelihoods are averaged first. References are the records' own fields (answers,
+    captions, label), which the benchmark adapters write and every stage passes through.
+    """
+    import json
+
+    from .artifacts import read_records_file, write_records
+    from .evaluation import PostProcess, evaluate_records, join_references
+
+    records = _records(input)
+    if references:
+        records = join_references(records, read_records_file(references), metric)
+    post = PostProcess(cut=cut, quotes=strip_quotes)
+    summary, rows = evaluate_records(records, metric, post=post, positive=positive, negative=negative,
+                                     vqa_evaluator=vqa_evaluator)
+    for item in tag:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--tag")
+        summary[key] = _scalar(value)
+    summary.update(cut_at=list(cut), strip_quotes=strip_quotes)
+    if metric == "vqa":
+        summary["vqa_evaluator"] = vqa_evaluator
+    if per_example:
+        with open_output(per_example) as out:
+            write_records(out, rows)
+    with open_output(output) as out:
+        out.write(json.dumps(summary) + "\n")
+
+
+def _scalar(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 @cli.command(short_help="Pretrain a vision encoder contrastively on image-caption pairs.")

@@ -6,6 +6,7 @@ Both `flamingo prompt` and `flamingo generate --shots` build prompts here, so th
 """
 from __future__ import annotations
 
+import math
 import random
 import string
 from dataclasses import dataclass
@@ -243,7 +244,7 @@ def build_prompt(
     return text, media
 
 
-def make_prompt_record(
+def make_prompt_records(
     template: Template,
     query: dict[str, Any],
     support: list[dict[str, Any]],
@@ -251,11 +252,16 @@ def make_prompt_record(
     k: int,
     method: str,
     seed: int,
+    ensembles: int = 1,
     query_vector=None,
     support_vectors=None,
-) -> dict[str, Any]:
-    """A new record: the query's fields plus `prompt`, `media`, `shots` and `template`.
-    With k == 0, two support examples chosen the same way become text-only examples."""
+) -> list[dict[str, Any]]:
+    """New records: the query's fields plus `prompt`, `media`, `shots` and `template`.
+    With k == 0, two support examples chosen the same way become text-only examples.
+
+    With ensembles > 1 (prompt ensembling, for close-ended tasks), one record per order of the
+    same shots, min(ensembles, k!) of them: the selected order first, then distinct orders drawn
+    from (seed, query id) alone; each carries `ensemble` (0, 1, ...)."""
     n = k or ZERO_SHOT_EXAMPLES
     chosen = [
         support[i]
@@ -263,14 +269,38 @@ def make_prompt_record(
             query, support, n, method, seed, query_vector=query_vector, support_vectors=support_vectors
         )
     ]
-    if k > 0:
-        text, media = build_prompt(template, query, chosen)
-    else:
-        text, media = build_prompt(template, query, [], zero_shot_examples=chosen)
-    return {
-        **query,
-        "prompt": text,
-        "media": media,
-        "shots": [_record_id(s) for s in chosen],
-        "template": template.name,
-    }
+    records = []
+    for e, order in enumerate(ensemble_orders(len(chosen), ensembles, seed, _record_id(query))):
+        shots = [chosen[i] for i in order]
+        if k > 0:
+            text, media = build_prompt(template, query, shots)
+        else:
+            text, media = build_prompt(template, query, [], zero_shot_examples=shots)
+        record = {**query, "prompt": text, "media": media, "shots": [_record_id(s) for s in shots],
+                  "template": template.name}
+        if ensembles > 1:
+            record["ensemble"] = e
+        records.append(record)
+    return records
+
+
+def make_prompt_record(template: Template, query: dict[str, Any], support: list[dict[str, Any]], *, k: int,
+                       method: str, seed: int, query_vector=None, support_vectors=None) -> dict[str, Any]:
+    """One prompt record for `query` (see make_prompt_records)."""
+    return make_prompt_records(template, query, support, k=k, method=method, seed=seed,
+                               query_vector=query_vector, support_vectors=support_vectors)[0]
+
+
+def ensemble_orders(n: int, ensembles: int, seed: int, query_id: Any) -> list[list[int]]:
+    """min(ensembles, n!) distinct orders of n demonstrations, the identity first; the rest
+    depend only on (seed, query id), like the shots themselves."""
+    if ensembles < 1:
+        raise ValueError(f"ensembles must be >= 1, got {ensembles}")
+    total = min(ensembles, math.factorial(n))
+    orders = [list(range(n))]
+    rng = random.Random(f"{seed}\0{query_id}\0ensemble")
+    while len(orders) < total:
+        order = rng.sample(range(n), n)
+        if order not in orders:
+            orders.append(order)
+    return orders

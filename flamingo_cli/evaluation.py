@@ -1,0 +1,144 @@
+"""The `evaluate` stage as library functions: prediction records + references -> a score.
+
+Predictions are the records `generate` writes (`output`) or `score` writes (`scores`,
+`prediction`). References travel in the same records (the benchmark adapters put them in the
+query records, and every stage passes them through), or come from a separate file joined by id.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .artifacts import ArtifactError
+from .metrics import cider_d, cut_at, roc_auc, strip_quotes, top1, vqa_accuracy
+
+METRICS = ("vqa", "cider", "top1", "roc_auc")
+# The fields each metric reads its references from.
+REFERENCE_FIELDS = {"vqa": ("answers",), "cider": ("captions", "caption"), "top1": ("label",),
+                    "roc_auc": ("label", "label_id")}
+
+
+@dataclass
+class PostProcess:
+    """How a generated text becomes an answer, as the peers do it."""
+    cut: Sequence[str] = ()  # cut the text at the first of these (e.g. "Question", "Output")
+    quotes: bool = False  # delete double quotes
+
+    def __call__(self, text: str) -> str:
+        text = cut_at(text, self.cut)
+        if self.quotes:
+            text = strip_quotes(text)
+        return text.strip()
+
+
+def merge_ensembles(records: list[dict]) -> list[dict]:
+    """One record per id. Records sharing an id are one query's prompt ensemble (`prompt
+    --ensembles`): their candidate log-likelihoods are averaged and the prediction re-ranked."""
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        if "id" not in record:
+            raise ArtifactError("a prediction record has no 'id'")
+        groups.setdefault(str(record["id"]), []).append(record)
+    out = []
+    for rid, group in groups.items():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        if not all(isinstance(r.get("scores"), dict) for r in group):
+            raise ArtifactError(f"{rid}: {len(group)} records share this id but not all have 'scores' to average")
+        candidates = list(group[0]["scores"])
+        if any(list(r["scores"]) != candidates for r in group):
+            raise ArtifactError(f"{rid}: the records of its prompt ensemble score different candidates")
+        mean = {c: sum(r["scores"][c] for r in group) / len(group) for c in candidates}
+        best = max(mean, key=mean.__getitem__)
+        merged = {k: v for k, v in group[0].items() if k not in ("ensemble", "shots", "prompt", "media")}
+        merged.update(scores=mean, prediction=best, ensemble_shots=[r.get("shots") for r in group])
+        out.append(merged)
+    return out
+
+
+def join_references(records: list[dict], references: list[dict], metric: str) -> list[dict]:
+    """Add the metric's reference fields from `references` (matched by id) to each record."""
+    by_id = {str(r.get("id")): r for r in references}
+    out = []
+    for record in records:
+        ref = by_id.get(str(record["id"]))
+        if ref is None:
+            raise ArtifactError(f"{record['id']}: not in the references")
+        out.append({**record, **{f: ref[f] for f in REFERENCE_FIELDS[metric] if f in ref}})
+    return out
+
+
+def _answer(record: dict, post: PostProcess) -> str:
+    text = record.get("output", record.get("prediction"))
+    if not isinstance(text, str):
+        raise ArtifactError(f"{record['id']}: no 'output' (from generate) or 'prediction' (from score)")
+    return post(text)
+
+
+def _reference(record: dict, metric: str):
+    for field in REFERENCE_FIELDS[metric]:
+        if field in record:
+            return record[field]
+    raise ArtifactError(f"{record['id']}: no reference for {metric} (expected field "
+                        f"{' or '.join(REFERENCE_FIELDS[metric])}; join them with --references FILE)")
+
+
+def _positive_probability(record: dict, positive: str, negative: str) -> float:
+    """P(positive) from the two candidates' log-likelihoods, normalised over the pair."""
+    scores = record.get("scores")
+    if not isinstance(scores, dict) or positive not in scores or negative not in scores:
+        raise ArtifactError(f"{record['id']}: roc_auc needs 'scores' for {positive!r} and {negative!r} (from score)")
+    return 1.0 / (1.0 + math.exp(scores[negative] - scores[positive]))
+
+
+def evaluate_records(records: list[dict], metric: str, *, post: PostProcess | None = None,
+                     positive: str = "yes", negative: str = "no",
+                     vqa_evaluator: str = "official") -> tuple[dict, list[dict]]:
+    """(summary, per-example rows). The summary's `score` is on the papers' scale: VQA accuracy,
+    CIDEr-D (x100 of pycocoevalcap's mean), top-1 and ROC-AUC all in percent."""
+    if metric not in METRICS:
+        raise ArtifactError(f"unknown metric {metric!r} (expected one of {', '.join(METRICS)})")
+    if not records:
+        raise ArtifactError("no prediction records")
+    post = post or PostProcess()
+    records = merge_ensembles(records)
+    rows = [{"id": r["id"]} for r in records]
+    if metric == "vqa":
+        for row, r in zip(rows, records):
+            answers = _reference(r, metric)
+            if not isinstance(answers, list) or not answers:
+                raise ArtifactError(f"{r['id']}: 'answers' must be a non-empty list of human answers")
+            row["prediction"] = _answer(r, post)
+            row["score"] = vqa_accuracy(row["prediction"], answers, vqa_evaluator)
+        score = 100 * sum(row["score"] for row in rows) / len(rows)
+    elif metric == "cider":
+        candidates, references = {}, {}
+        for row, r in zip(rows, records):
+            refs = _reference(r, metric)
+            references[str(r["id"])] = [refs] if isinstance(refs, str) else list(refs)
+            row["prediction"] = candidates[str(r["id"])] = _answer(r, post)
+        mean, per_image = cider_d(candidates, references)
+        for row in rows:
+            row["score"] = per_image[str(row["id"])]
+        score = 100 * mean
+    elif metric == "top1":
+        labels = [str(_reference(r, metric)) for r in records]
+        predictions = [_answer(r, post) for r in records]
+        for row, p, y in zip(rows, predictions, labels):
+            row.update(prediction=p, label=y, score=float(p == y.strip()))
+        score = 100 * top1(predictions, labels)
+    else:
+        labels, probs = [], []
+        for row, r in zip(rows, records):
+            label = r["label_id"] if "label_id" in r else _reference(r, metric)
+            y = int(label) if isinstance(label, (int, bool)) else {positive: 1, negative: 0}.get(str(label))
+            if y not in (0, 1):
+                raise ArtifactError(f"{r['id']}: label {label!r} is neither {positive!r} nor {negative!r}")
+            p = _positive_probability(r, positive, negative)
+            labels.append(y)
+            probs.append(p)
+            row.update(label=y, probability=p)
+        score = 100 * roc_auc(labels, probs)
+    return {"metric": metric, "score": score, "n": len(rows)}, rows

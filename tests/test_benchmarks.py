@@ -1,0 +1,387 @@
+"""Native benchmark annotation files -> records (flamingo_cli.benchmarks)."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from flamingo_cli.artifacts import ArtifactError
+from flamingo_cli.benchmarks import (
+    BENCHMARKS,
+    TASKS,
+    imagenet_classnames,
+    read_benchmark,
+    sample,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
+
+
+def root(name: str) -> Path:
+    return FIXTURES / name
+
+
+def ids(records):
+    return [r["id"] for r in records]
+
+
+def copy_fixture(name: str, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(root(name), tmp_path / name))
+
+
+# -- registry ---------------------------------------------------------------------------
+
+def test_registry():
+    assert set(BENCHMARKS) == {"vqav2", "okvqa", "vizwiz", "textvqa", "coco", "flickr30k", "hatefulmemes", "imagenet"}
+    for name, bench in BENCHMARKS.items():
+        assert bench.name == name
+        assert bench.task in TASKS
+        assert bench.splits and bench.description
+    assert BENCHMARKS["coco"].splits == ("train", "val", "test")
+    assert BENCHMARKS["hatefulmemes"].splits == ("train", "dev_seen", "dev_unseen", "test_seen", "test_unseen")
+
+
+@pytest.mark.parametrize("name,split,expected", [
+    ("vqav2", "train", 3), ("vqav2", "val", 3),
+    ("okvqa", "train", 2), ("okvqa", "val", 2),
+    ("vizwiz", "train", 2), ("vizwiz", "val", 3),
+    ("textvqa", "train", 2), ("textvqa", "val", 2),
+    ("coco", "train", 2), ("coco", "val", 2), ("coco", "test", 2),
+    ("flickr30k", "train", 2), ("flickr30k", "val", 1), ("flickr30k", "test", 2),
+    ("hatefulmemes", "train", 3), ("hatefulmemes", "dev_seen", 2), ("hatefulmemes", "test_unseen", 2),
+    ("imagenet", "val", 3),
+])
+def test_common_schema(name, split, expected):
+    records = read_benchmark(name, root(name), split)
+    assert len(records) == expected
+    assert len(set(ids(records))) == len(records)
+    for r in records:
+        assert r["id"].startswith(f"{name}-")
+        assert r["split"] == split
+        assert isinstance(r["image"], str) and r["image"].startswith(str(root(name)))
+    json.dumps(records)  # JSON-able
+
+
+# -- VQA --------------------------------------------------------------------------------
+
+def test_vqav2(tmp_path):
+    r = root("vqav2")
+    records = read_benchmark("vqav2", r, "val")
+    assert records[0] == {
+        "id": "vqav2-262148000",
+        "image": str(r / "val2014" / "COCO_val2014_000000262148.jpg"),
+        "split": "val",
+        "question": "Where is he looking?",
+        "answers": ["down", "down", "at table", "skateboard", "down", "table", "down", "down", "down", "down"],
+        "answer": "down",
+        "question_id": 262148000,
+    }
+    assert ids(records) == ["vqav2-262148000", "vqav2-262148001", "vqav2-393225000"]
+    train = read_benchmark("vqav2", str(r), "train")  # a str root works too
+    assert ids(train) == ["vqav2-458752000", "vqav2-458752001", "vqav2-262146000"]
+    assert train[0]["image"] == str(r / "train2014" / "COCO_train2014_000000458752.jpg")
+    assert train[0]["answer"] == "net" and "netting" in train[0]["answers"]
+
+
+def test_okvqa():
+    r = root("okvqa")
+    records = read_benchmark("okvqa", r, "val")
+    assert records[1] == {
+        "id": "okvqa-3932825",
+        "image": str(r / "val2014" / "COCO_val2014_000000393282.jpg"),
+        "split": "val",
+        "question": "Which country is this famous clock tower in?",
+        "answers": ["england", "england", "england", "england", "uk", "uk", "london", "london", "britain", "britain"],
+        "answer": "england",
+        "question_id": 3932825,
+    }
+    assert ids(records) == ["okvqa-2971475", "okvqa-3932825"]
+    train = read_benchmark("okvqa", r, "train")
+    assert ids(train) == ["okvqa-516065", "okvqa-2225625"]
+    assert train[0]["image"] == str(r / "train2014" / "COCO_train2014_000000051606.jpg")
+
+
+def test_vizwiz_most_frequent_answer_with_tie():
+    r = root("vizwiz")
+    records = read_benchmark("vizwiz", r, "val")
+    # "unanswerable" and "soup" occur 4 times each; "unanswerable" occurs first
+    assert records[0] == {
+        "id": "vizwiz-VizWiz_val_00000000",
+        "image": str(r / "val" / "VizWiz_val_00000000.jpg"),
+        "split": "val",
+        "question": "Ok. There is another picture I hope it is a better one.",
+        "answers": ["unanswerable", "soup", "unanswerable", "soup", "unanswerable", "chicken soup", "soup",
+                    "unanswerable", "soup", "cream of chicken"],
+        "answer": "unanswerable",
+        "question_id": "VizWiz_val_00000000.jpg",
+    }
+    assert [x["answer"] for x in records] == ["unanswerable", "night time", "blue"]
+    train = read_benchmark("vizwiz", r, "train")
+    assert ids(train) == ["vizwiz-VizWiz_train_00000000", "vizwiz-VizWiz_train_00000001"]
+    assert train[0]["image"] == str(r / "train" / "VizWiz_train_00000000.jpg")
+    assert [x["answer"] for x in train] == ["basil leaves", "coca cola"]
+
+
+def test_textvqa_most_frequent_answer_with_tie():
+    r = root("textvqa")
+    records = read_benchmark("textvqa", r, "val")
+    # "budweiser" and "bud light" occur 4 times each; "budweiser" occurs first
+    assert records[0] == {
+        "id": "textvqa-34602",
+        "image": str(r / "train_images" / "003a8ae2ef43b901.jpg"),
+        "split": "val",
+        "question": "what is the brand of this beer?",
+        "answers": ["budweiser", "bud light", "bud light", "budweiser", "budweiser", "bud light", "bud",
+                    "budweiser", "bud light", "beer"],
+        "answer": "budweiser",
+        "question_id": 34602,
+    }
+    assert ids(records) == ["textvqa-34602", "textvqa-34603"]
+    train = read_benchmark("textvqa", r, "train")
+    assert ids(train) == ["textvqa-0", "textvqa-3"]
+    assert [x["answer"] for x in train] == ["nokia", "5:41"]
+    assert train[0]["image"] == str(r / "train_images" / "0054c91397f2fe05.jpg")
+
+
+# -- captioning -------------------------------------------------------------------------
+
+def test_coco_karpathy_splits():
+    r = root("coco")
+    test = read_benchmark("coco", r, "test")
+    assert test[0] == {
+        "id": "coco-391895",
+        "image": str(r / "val2014" / "COCO_val2014_000000391895.jpg"),
+        "split": "test",
+        "caption": "A man with a red helmet on a small moped on a dirt road.",
+        "captions": [
+            "A man with a red helmet on a small moped on a dirt road.",
+            "Man riding a motor bike on a dirt road on the countryside.",
+            "A man riding on the back of a motorcycle.",
+            ("A dirt path with a young person on a motor bike rests to the foreground of a verdant area with a "
+             "bridge and a background of cloud-wreathed mountains."),
+            "A man in a red shirt and a red hat is on a motorcycle on a hill side.",
+        ],
+        "image_id": 391895,
+    }
+    assert ids(test) == ["coco-391895", "coco-60623"]
+    # train is Karpathy "train" plus "restval"
+    train = read_benchmark("coco", r, "train")
+    assert ids(train) == ["coco-57870", "coco-522418"]
+    assert train[0]["image"] == str(r / "train2014" / "COCO_train2014_000000057870.jpg")
+    assert train[1]["image"] == str(r / "val2014" / "COCO_val2014_000000522418.jpg")
+    assert train[1]["caption"] == "A woman wearing a net on her head cutting a cake."
+    assert ids(read_benchmark("coco", r, "val")) == ["coco-184613", "coco-309022"]
+    assert all(len(x["captions"]) == 5 for x in train + test)
+
+
+def test_flickr30k():
+    r = root("flickr30k")
+    val = read_benchmark("flickr30k", r, "val")
+    assert val == [{
+        "id": "flickr30k-1007129816",
+        "image": str(r / "flickr30k-images" / "1007129816.jpg"),
+        "split": "val",
+        "caption": "A man with pierced ears is wearing glasses and an orange hat.",
+        "captions": [
+            "A man with pierced ears is wearing glasses and an orange hat.",
+            "A man with glasses is wearing a beer can crocheted hat.",
+            "A man with gauges and glasses is wearing a Blitz hat.",
+            "A man in an orange hat starring at something.",
+            "A man wears an orange hat and glasses.",
+        ],
+        "image_id": "1007129816",
+    }]
+    assert ids(read_benchmark("flickr30k", r, "train")) == ["flickr30k-1000092795", "flickr30k-10002456"]
+    assert ids(read_benchmark("flickr30k", r, "test")) == ["flickr30k-1009434119", "flickr30k-101362133"]
+
+
+# -- Hateful Memes ----------------------------------------------------------------------
+
+def test_hatefulmemes():
+    r = root("hatefulmemes")
+    train = read_benchmark("hatefulmemes", r, "train")
+    assert train[2] == {
+        "id": "hatefulmemes-13894",
+        "image": str(r / "img" / "13894.png"),
+        "split": "train",
+        "text": "that face you make when the wifi goes down",
+        "label": "yes",
+        "label_id": 1,
+    }
+    assert [(x["label"], x["label_id"]) for x in train] == [("no", 0), ("no", 0), ("yes", 1)]
+    dev = read_benchmark("hatefulmemes", r, "dev_seen")
+    assert ids(dev) == ["hatefulmemes-8291", "hatefulmemes-46971"]
+    assert dev[0]["image"] == str(r / "img" / "08291.png")
+    # an unlabelled test split: no label fields
+    test = read_benchmark("hatefulmemes", r, "test_unseen")
+    assert test[0] == {
+        "id": "hatefulmemes-16395",
+        "image": str(r / "img" / "16395.png"),
+        "split": "test_unseen",
+        "text": "monday mornings be like",
+    }
+    assert all("label" not in x and "label_id" not in x for x in test)
+
+
+# -- ImageNet ---------------------------------------------------------------------------
+
+def test_imagenet_classnames():
+    assert imagenet_classnames(root("imagenet")) == ["tench", "goldfish", "English springer", "kit fox"]
+
+
+def test_imagenet_val():
+    r = root("imagenet")
+    val = read_benchmark("imagenet", r, "val")
+    assert val[0] == {
+        "id": "imagenet-ILSVRC2012_val_00008726",
+        "image": str(r / "ILSVRC" / "Data" / "CLS-LOC" / "val" / "ILSVRC2012_val_00008726.JPEG"),
+        "split": "val",
+        "label": "kit fox",
+        "synset": "n02119789",
+    }
+    assert ids(val) == ["imagenet-ILSVRC2012_val_00008726", "imagenet-ILSVRC2012_val_00018706",
+                        "imagenet-ILSVRC2012_val_00039290"]
+    assert [x["label"] for x in val] == ["kit fox", "tench", "English springer"]
+
+
+def test_imagenet_train_from_folders(tmp_path):
+    r = copy_fixture("imagenet", tmp_path)
+    train_dir = r / "ILSVRC" / "Data" / "CLS-LOC" / "train"
+    for synset, files in {"n01443537": ["n01443537_2.JPEG", "n01443537_10.JPEG"],
+                          "n01440764": ["n01440764_18.JPEG"]}.items():
+        (train_dir / synset).mkdir(parents=True)
+        for f in files:
+            (train_dir / synset / f).touch()
+    records = read_benchmark("imagenet", r, "train")
+    assert records[0] == {
+        "id": "imagenet-n01440764_18",
+        "image": str(train_dir / "n01440764" / "n01440764_18.JPEG"),
+        "split": "train",
+        "label": "tench",
+        "synset": "n01440764",
+    }
+    # folders and files listed sorted
+    assert ids(records) == ["imagenet-n01440764_18", "imagenet-n01443537_10", "imagenet-n01443537_2"]
+    assert [x["label"] for x in records] == ["tench", "goldfish", "goldfish"]
+
+    (train_dir / "n09999999").mkdir()
+    with pytest.raises(ArtifactError, match="n09999999"):
+        read_benchmark("imagenet", r, "train")
+
+
+def test_imagenet_train_missing_folder():
+    with pytest.raises(ArtifactError, match="train: no such directory"):
+        read_benchmark("imagenet", root("imagenet"), "train")
+
+
+def test_imagenet_unknown_synset(tmp_path):
+    r = copy_fixture("imagenet", tmp_path)
+    (r / "LOC_val_solution.csv").write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n09999999 1 2 3 4\n")
+    with pytest.raises(ArtifactError, match=r"LOC_val_solution\.csv: line 2: synset n09999999"):
+        read_benchmark("imagenet", r, "val")
+
+
+# -- errors -----------------------------------------------------------------------------
+
+def test_unknown_benchmark_and_split():
+    with pytest.raises(ArtifactError, match="unknown benchmark 'gqa'"):
+        read_benchmark("gqa", root("vqav2"), "val")
+    with pytest.raises(ArtifactError, match="vqav2 has no split 'test'"):
+        read_benchmark("vqav2", root("vqav2"), "test")
+    with pytest.raises(ArtifactError, match="no split 'restval'"):
+        read_benchmark("coco", root("coco"), "restval")
+
+
+@pytest.mark.parametrize("name,split,missing", [
+    ("vqav2", "val", "v2_OpenEnded_mscoco_val2014_questions.json"),
+    ("okvqa", "val", "OpenEnded_mscoco_val2014_questions.json"),
+    ("vizwiz", "val", "val.json"),
+    ("textvqa", "val", "TextVQA_0.5.1_val.json"),
+    ("coco", "val", "dataset_coco.json"),
+    ("flickr30k", "val", "dataset_flickr30k.json"),
+    ("hatefulmemes", "dev_unseen", "dev_unseen.jsonl"),  # this split has no fixture file
+    ("imagenet", "val", "LOC_synset_mapping.txt"),
+])
+def test_missing_file(tmp_path, name, split, missing):
+    with pytest.raises(ArtifactError, match=rf"{missing}: no such file") as e:
+        read_benchmark(name, tmp_path, split)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_annotations_file(tmp_path):
+    r = copy_fixture("vqav2", tmp_path)
+    (r / "v2_mscoco_val2014_annotations.json").unlink()
+    with pytest.raises(ArtifactError, match=r"v2_mscoco_val2014_annotations\.json: no such file"):
+        read_benchmark("vqav2", r, "val")
+
+
+@pytest.mark.parametrize("name,split,file", [
+    ("vqav2", "val", "v2_mscoco_val2014_annotations.json"),
+    ("vizwiz", "train", "Annotations/train.json"),
+    ("textvqa", "train", "TextVQA_0.5.1_train.json"),
+    ("coco", "val", "dataset_coco.json"),
+])
+def test_malformed_json(tmp_path, name, split, file):
+    r = copy_fixture(name, tmp_path)
+    path = r / file
+    path.write_text(path.read_text()[:-40])  # truncated download
+    with pytest.raises(ArtifactError, match=rf"{Path(file).name}: malformed JSON at line \d+"):
+        read_benchmark(name, r, split)
+
+
+def test_malformed_jsonl_line(tmp_path):
+    r = copy_fixture("hatefulmemes", tmp_path)
+    with open(r / "train.jsonl", "a") as f:
+        f.write('{"id": 1, "img": "img/00001.png", "label": 0, "text": "unterminated\n')
+    with pytest.raises(ArtifactError, match=r"train\.jsonl: line 4: malformed JSON"):
+        read_benchmark("hatefulmemes", r, "train")
+
+
+def test_question_without_annotation(tmp_path):
+    r = copy_fixture("vqav2", tmp_path)
+    path = r / "v2_mscoco_val2014_annotations.json"
+    data = json.loads(path.read_text())
+    data["annotations"] = [a for a in data["annotations"] if a["question_id"] != 262148001]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=r"v2_mscoco_val2014_annotations\.json: no annotation for question 262148001"):
+        read_benchmark("vqav2", r, "val")
+
+
+def test_missing_required_field(tmp_path):
+    r = copy_fixture("textvqa", tmp_path)
+    path = r / "TextVQA_0.5.1_val.json"
+    data = json.loads(path.read_text())
+    del data["data"][1]["question"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=r"TextVQA_0\.5\.1_val\.json: question 34603 lacks required field 'question'"):
+        read_benchmark("textvqa", r, "val")
+
+    r = copy_fixture("hatefulmemes", tmp_path)
+    (r / "train.jsonl").write_text('{"id": 5, "img": "img/00005.png", "label": 0}\n')
+    with pytest.raises(ArtifactError, match=r"train\.jsonl: line 1 lacks required field 'text'"):
+        read_benchmark("hatefulmemes", r, "train")
+
+
+def test_wrong_top_level_structure(tmp_path):
+    r = copy_fixture("vizwiz", tmp_path)
+    (r / "Annotations" / "val.json").write_text('{"images": []}')
+    with pytest.raises(ArtifactError, match=r"val\.json: top level should be a list"):
+        read_benchmark("vizwiz", r, "val")
+
+
+# -- sample -----------------------------------------------------------------------------
+
+def test_sample():
+    records = [{"id": str(i)} for i in range(50)]
+    a = sample(records, 10, seed=0)
+    assert a == sample(records, 10, seed=0)  # deterministic
+    assert len(a) == 10
+    positions = [records.index(x) for x in a]
+    assert positions == sorted(positions)  # input order kept
+    assert ids(a) != ids(sample(records, 10, seed=1))  # differs across seeds
+    assert sample(records, None, seed=0) == records
+    assert sample(records, 50, seed=3) == records
+    assert sample(records, 999, seed=3) == records
+    assert sample(records, 0, seed=3) == []
+    with pytest.raises(ArtifactError):
+        sample(records, -1, seed=0)

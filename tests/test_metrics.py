@@ -1,0 +1,126 @@
+"""The metrics against their reference implementations and hand-computed cases.
+
+tests/golden/metrics.json was written by tests/golden/make_metric_golden.py, which calls
+OpenFlamingo's copy of the VQA evaluator and pycocoevalcap's CIDEr-D scorer.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from flamingo_cli.metrics import (
+    cider_d,
+    cut_at,
+    normalize_vqa_answer,
+    ptb_tokenize,
+    roc_auc,
+    strip_quotes,
+    top1,
+    vqa_accuracy,
+)
+
+GOLDEN = json.loads((Path(__file__).parent / "golden" / "metrics.json").read_text())
+VQA_CASES = {c["name"]: c for c in GOLDEN["vqa"]["cases"]}
+# Where the official evaluator and OpenFlamingo's copy disagree: the official one leaves human
+# answers as they are (only punctuation, and only when they are not unanimous). Hand-computed:
+# the number of human answers equal to the normalised prediction k gives 0, .3, .6, .9, 1.
+OFFICIAL_DIFFERS = {
+    "article_the": 0.6,  # "cat" matches the two "cat", not "the cat"
+    "uppercase": 0.3,  # "yes" matches "yes" only, not "Yes" or "YES"
+    "number_word_two": 0.6,  # "2" matches the two "2", not "two"
+    "none_vs_0": 0.6,  # "0": the two "0", not "zero"
+    "zero_vs_none": 0.0,  # "0" against humans' "none"
+    "contraction_whats": 0.3,  # "what's" matches "what's"; "whats" stays as written
+    "contraction_dont": 0.6,
+    "unanimous_yes_period": 0.0,  # ten "yes." are unanimous, so their period stays
+    "unanimous_tshirt_spaced": 0.0,
+    "unanimous_number_word": 0.0,
+    "mixed_punct_humans": 0.6,  # "no" and "no." -> "no"; "No!" -> "No " (not lowercased)
+}
+
+
+@pytest.mark.parametrize("name", sorted(VQA_CASES))
+def test_vqa_accuracy_matches_openflamingos_evaluator(name):
+    case = VQA_CASES[name]
+    assert vqa_accuracy(case["prediction"], case["answers"], "openflamingo") == pytest.approx(case["accuracy"], abs=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(VQA_CASES))
+def test_vqa_accuracy_official(name):
+    case = VQA_CASES[name]
+    expected = OFFICIAL_DIFFERS.get(name, case["accuracy"])
+    assert vqa_accuracy(case["prediction"], case["answers"]) == pytest.approx(expected, abs=1e-12)
+
+
+def test_vqa_accuracy_for_each_agreement_count():
+    for k, expected in [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (7, 1.0), (10, 1.0)]:
+        answers = ["cat"] * k + ["dog"] * (10 - k)
+        assert vqa_accuracy("cat", answers) == pytest.approx(expected, abs=1e-12)
+        # The definition itself: the mean over leave-one-out subsets of min(1, matches / 3).
+        direct = sum(min(1, sum(a == "cat" for j, a in enumerate(answers) if j != i) / 3) for i in range(10)) / 10
+        assert vqa_accuracy("cat", answers) == pytest.approx(direct, abs=1e-12)
+
+
+def test_vqa_normalisation_traps():
+    assert normalize_vqa_answer("yes.") == "yes"
+    assert normalize_vqa_answer("2,000") == "2000"  # digit,digit: commas deleted, not spaced
+    assert normalize_vqa_answer("dont") == "don't"
+    assert normalize_vqa_answer("the cat") == "cat"
+    assert normalize_vqa_answer("Two Dogs") == "2 dogs"
+    assert normalize_vqa_answer("red/white") == "red white"
+    assert normalize_vqa_answer("3.5") == "3.5"
+    assert normalize_vqa_answer(" none\t") == "0"
+
+
+def test_cider_d_matches_pycocoevalcap():
+    for corpus in GOLDEN["cider"]["corpora"]:
+        candidates = {im["id"]: im["candidate"] for im in corpus["images"]}
+        references = {im["id"]: im["refs"] for im in corpus["images"]}
+        mean, per_image = cider_d(candidates, references, tokenize=str.split)
+        assert mean == pytest.approx(corpus["mean"], abs=1e-6), corpus["name"]
+        for im in corpus["images"]:
+            assert per_image[im["id"]] == pytest.approx(im["score"], abs=1e-6), (corpus["name"], im["id"])
+
+
+def test_cider_d_tokenises_like_ptb_before_scoring():
+    main = next(c for c in GOLDEN["cider"]["corpora"] if c["name"] == "main")
+    # Capitals and punctuation the PTB tokenizer strips leave the scores unchanged.
+    candidates = {im["id"]: im["candidate"].capitalize() + "." for im in main["images"]}
+    references = {im["id"]: [r.upper() + " ." for r in im["refs"]] for im in main["images"]}
+    mean, _ = cider_d(candidates, references)
+    assert mean == pytest.approx(main["mean"], abs=1e-6)
+
+
+def test_ptb_tokenizer_approximation():
+    assert ptb_tokenize("A man's dog, isn't it?") == ["a", "man", "'s", "dog", "is", "n't", "it"]
+    assert ptb_tokenize('He wore a T-shirt (2,000 "dollars")...') == ["he", "wore", "a", "t-shirt", "2,000", "dollars"]
+    assert ptb_tokenize("can't stop; 3.5 inches!") == ["ca", "n't", "stop", "3.5", "inches"]
+
+
+def test_roc_auc_matches_the_pairwise_definition():
+    rng = random.Random(0)
+    for _ in range(20):
+        n = rng.randint(4, 40)
+        labels = [rng.randint(0, 1) for _ in range(n)]
+        labels[0], labels[1] = 0, 1
+        scores = [round(rng.random(), 1) for _ in range(n)]  # coarse: many ties
+        pos = [s for s, y in zip(scores, labels) if y]
+        neg = [s for s, y in zip(scores, labels) if not y]
+        direct = sum((p > q) + 0.5 * (p == q) for p, q in itertools.product(pos, neg)) / (len(pos) * len(neg))
+        assert roc_auc(labels, scores) == pytest.approx(direct, abs=1e-12)
+    assert roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
+    assert roc_auc([1, 1, 0, 0], [0.1, 0.2, 0.8, 0.9]) == 0.0
+    with pytest.raises(ValueError):
+        roc_auc([1, 1], [0.2, 0.3])
+
+
+def test_top1_and_post_processing():
+    assert top1(["tench", "goldfish "], ["tench", "shark"]) == 0.5
+    assert cut_at("a red bus Question: what", ["Question", "Answer"]) == "a red bus "
+    assert cut_at("2, 3 Answer", ["Answer", ", "]) == "2"
+    assert cut_at("no marker", ["Question"]) == "no marker"
+    assert strip_quotes('a "quoted" word') == "a quoted word"
