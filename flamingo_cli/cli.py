@@ -608,7 +608,7 @@ def data(bench, root, split, n, seed, classes, output):
               help="vqa: the VQA evaluator's accuracy; cider: CIDEr-D; top1; roc_auc: from P(yes) vs P(no).")
 @click.option("--references", type=click.Path(dir_okay=False),
               help="Records holding the references, joined by id (default: the predictions carry them).")
-@click.option("--cut-at", "cut", multiple=True,
+@click.option("--cut-at", "cut_at", multiple=True,
               help="Cut a generated answer at the first occurrence of this text (repeat), e.g. Question.")
 @click.option("--strip-quotes", is_flag=True, help="Delete double quotes from generated answers.")
 @click.option("--vqa-evaluator", type=click.Choice(["official", "openflamingo"]), default="official",
@@ -620,7 +620,7 @@ def data(bench, root, split, n, seed, classes, output):
               help="Also write one record per example (id, prediction, score) here, atomically.")
 @click.option("--tag", multiple=True, help="KEY=VALUE to record in the summary (e.g. shots=4); repeat.")
 @click.option("-o", "--output", default="-", show_default=True, help="Write the JSON summary here (atomically).")
-def evaluate(input, metric, references, cut, strip_quotes, vqa_evaluator, positive, negative, per_example, tag,
+def evaluate(input, metric, references, cut_at, strip_quotes, vqa_evaluator, positive, negative, per_example, tag,
              output):
     """Score prediction records (from generate or score) against their references and print
     a one-line JSON summary: {"metric", "score", "n", ...}; scores are in percent, as papers
@@ -636,7 +636,7 @@ def evaluate(input, metric, references, cut, strip_quotes, vqa_evaluator, positi
     records = _records(input)
     if references:
         records = join_references(records, read_records_file(references), metric)
-    post = PostProcess(cut=cut, quotes=strip_quotes)
+    post = PostProcess(cut=cut_at, quotes=strip_quotes)
     summary, rows = evaluate_records(records, metric, post=post, positive=positive, negative=negative,
                                      vqa_evaluator=vqa_evaluator)
     for item in tag:
@@ -644,7 +644,7 @@ def evaluate(input, metric, references, cut, strip_quotes, vqa_evaluator, positi
         if not sep or not key:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--tag")
         summary[key] = _scalar(value)
-    summary.update(cut_at=list(cut), strip_quotes=strip_quotes)
+    summary.update(cut_at=list(cut_at), strip_quotes=strip_quotes)
     if metric == "vqa":
         summary["vqa_evaluator"] = vqa_evaluator
     if per_example:

@@ -140,5 +140,7 @@ def evaluate_records(records: list[dict], metric: str, *, post: PostProcess | No
             labels.append(y)
             probs.append(p)
             row.update(label=y, probability=p)
+        if len(set(labels)) < 2:
+            raise ArtifactError(f"roc_auc needs examples of both labels; all {len(labels)} are {labels[0]}")
         score = 100 * roc_auc(labels, probs)
     return {"metric": metric, "score": score, "n": len(rows)}, rows

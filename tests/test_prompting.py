@@ -352,3 +352,29 @@ def test_import_does_not_load_torch():
     code = "import sys, flamingo_cli.prompting; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
+
+
+# -- prompt ensembling --------------------------------------------------------------------
+
+def test_ensembles_are_orders_of_the_same_shots_drawn_from_seed_and_query_id():
+    from flamingo_cli.prompting import make_prompt_records
+
+    template, support, query = load_template("hatefulmemes"), support_set(), {"id": "q", "image": "/q.jpg",
+                                                                              "text": "hi", "label": "no"}
+    for row in support:
+        row.update(text="t", label="yes")
+    records = make_prompt_records(template, query, support, k=3, method="random", seed=5, ensembles=6)
+    assert [r["ensemble"] for r in records] == list(range(6))  # 3! = 6 orders
+    assert records[0]["shots"] == make_prompt_record(template, query, support, k=3, method="random", seed=5)["shots"]
+    orders = [tuple(r["shots"]) for r in records]
+    assert len(set(orders)) == 6 and len({frozenset(o) for o in orders}) == 1
+    for r in records:  # the prompt follows its order
+        assert r["media"] == [f"/img/{s}.jpg" for s in r["shots"]] + ["/q.jpg"]
+    assert make_prompt_records(template, query, support, k=3, method="random", seed=5, ensembles=6) == records
+    other_seed = make_prompt_records(template, query, support, k=3, method="random", seed=6, ensembles=6)
+    assert [r["shots"] for r in other_seed] != [r["shots"] for r in records]
+    assert len(make_prompt_records(template, query, support, k=2, method="random", seed=5, ensembles=6)) == 2
+    zero = make_prompt_records(template, query, support, k=0, method="random", seed=5, ensembles=6)
+    assert len(zero) == 2 and all(r["prompt"].count("<image>") == 1 for r in zero)
+    single = make_prompt_records(template, query, support, k=3, method="random", seed=5)
+    assert len(single) == 1 and "ensemble" not in single[0]

@@ -1,0 +1,110 @@
+"""examples/eval end to end: native-format benchmarks -> the sweep -> results.json, table, plot; resume."""
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EVAL = ROOT / "examples" / "eval"
+TOY = ROOT / "examples" / "toy"
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(TOY))
+
+import world  # noqa: E402
+
+COLOURS = ["red", "green", "blue", "yellow"]
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "FLAMINGO_CKPT"}
+    return {**env, "PATH": f"{BIN}:{env['PATH']}", **extra}
+
+
+def make_vqav2(root: Path, n: int = 10) -> None:
+    """A VQAv2 download in miniature: toy-world pictures, colour questions, ten answers each."""
+    rng = random.Random(0)
+    for split in ("train", "val"):
+        (root / f"{split}2014").mkdir(parents=True)
+        questions, annotations = [], []
+        for i in range(n):
+            image_id = 1000 * (split == "val") + i
+            colour, shape = rng.choice(COLOURS), rng.choice(world.SHAPES)
+            world.draw(colour, shape, seed=image_id).save(root / f"{split}2014" / f"COCO_{split}2014_{image_id:012d}.jpg")
+            qid = image_id * 10
+            questions.append({"image_id": image_id, "question": "What colour is the shape?", "question_id": qid})
+            answers = [colour] * 8 + [rng.choice(COLOURS)] * 2
+            annotations.append({"question_id": qid, "image_id": image_id, "question_type": "what color",
+                                "answer_type": "other", "multiple_choice_answer": colour,
+                                "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1}
+                                            for j, a in enumerate(answers)]})
+        (root / f"v2_OpenEnded_mscoco_{split}2014_questions.json").write_text(json.dumps({"questions": questions}))
+        (root / f"v2_mscoco_{split}2014_annotations.json").write_text(json.dumps({"annotations": annotations}))
+
+
+def make_hatefulmemes(root: Path, n: int = 8) -> None:
+    """A HatefulMemes download in miniature: `label` 1 for red pictures."""
+    rng = random.Random(1)
+    (root / "img").mkdir(parents=True)
+    for split in ("train", "dev_seen"):
+        lines = []
+        for i in range(n):
+            meme_id = 100 * (split == "dev_seen") + i
+            colour = COLOURS[i % 2]  # both labels in every split
+            world.draw(colour, rng.choice(world.SHAPES), seed=meme_id).save(root / "img" / f"{meme_id:05d}.png")
+            lines.append(json.dumps({"id": meme_id, "img": f"img/{meme_id:05d}.png", "label": int(colour == "red"),
+                                     "text": f"a {colour} picture"}))
+        (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def sweep(out: Path, bench: str, data: Path, cache: Path, **sizes):
+    args = [f"BENCH={bench}", f"DATA={data}", f"OUT={out}", "SUPPORT=8", "QUERIES=4",
+            *(f"{k}={v}" for k, v in sizes.items())]
+    return subprocess.run(["make", "-C", str(EVAL), *args], env=_env(FLAMINGO_CACHE=str(cache)),
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_the_sweep_writes_results_table_and_plot_and_resumes(tmp_path):
+    make_vqav2(tmp_path / "vqav2")
+    make_hatefulmemes(tmp_path / "hm")
+    out, cache = tmp_path / "out", tmp_path / "cache"
+
+    r = sweep(out, "vqav2", tmp_path / "vqav2", cache, SHOTS="0 2", SEEDS="0 1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = sweep(out, "hatefulmemes", tmp_path / "hm", cache, SHOTS="0 2", SEEDS="0", ENSEMBLES="6")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"vqav2", "hatefulmemes"}
+    assert results["vqav2"]["metric"] == "vqa" and results["hatefulmemes"]["metric"] == "roc_auc"
+    for k in ("0", "2"):
+        cell = results["vqav2"]["shots"][k]
+        assert cell["n_seeds"] == 2 and set(cell["seeds"]) == {"seed0", "seed1"}
+        assert 0 <= cell["mean"] <= 100 and cell["std"] >= 0
+    table = (out / "results.md").read_text().splitlines()
+    assert table[0] == "| benchmark | metric | 0-shot | 2-shot |"
+    assert table[2].startswith("| HatefulMemes | ROC-AUC | ") and table[3].startswith("| VQAv2 | VQA acc. | ")
+    assert (out / "fewshot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Auditable: every prompt names its demonstrations, every prediction is kept with its score.
+    prompts = [json.loads(line) for line in (out / "vqav2" / "prompts" / "2shot-seed1.jsonl").read_text().splitlines()]
+    assert len(prompts) == 4 and all(len(p["shots"]) == 2 and p["id"] not in p["shots"] for p in prompts)
+    scores = (out / "vqav2" / "predictions" / "2shot-seed1.scores.jsonl").read_text().splitlines()
+    assert len(scores) == 4 and all("prediction" in json.loads(line) for line in scores)
+    # Close-ended: 2 shots give 2 orders per query, averaged into one prediction each.
+    hm = [json.loads(line) for line in (out / "hatefulmemes" / "prompts" / "2shot-seed0.jsonl").read_text().splitlines()]
+    assert len(hm) == 8 and sorted({p["ensemble"] for p in hm}) == [0, 1]
+    cell = json.loads((out / "hatefulmemes" / "cells" / "2shot-seed0.json").read_text())
+    assert cell["n"] == 4 and cell["shots"] == 2 and cell["metric"] == "roc_auc"
+
+    # Resume: finished cells are not recomputed; a missing one is.
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "vqav2" / "cells").glob("*.json")}
+    (out / "vqav2" / "cells" / "2shot-seed1.json").unlink()
+    r = sweep(out, "vqav2", tmp_path / "vqav2", cache, SHOTS="0 2", SEEDS="0 1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("flamingo evaluate") == 1
+    for path, stamp in stamps.items():
+        if path.name != "2shot-seed1.json":
+            assert path.stat().st_mtime_ns == stamp
+    assert json.loads((out / "vqav2" / "cells" / "2shot-seed1.json").read_text())["seed"] == 1
