@@ -385,3 +385,9 @@ def test_sample():
     assert sample(records, 0, seed=3) == []
     with pytest.raises(ArtifactError):
         sample(records, -1, seed=0)
+
+
+def test_the_data_command_offers_every_benchmark():
+    from flamingo_cli.cli import BENCHMARK_NAMES
+
+    assert sorted(BENCHMARK_NAMES) == sorted(BENCHMARKS)

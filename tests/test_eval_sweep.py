@@ -1,61 +1,21 @@
 """examples/eval end to end: native-format benchmarks -> the sweep -> results.json, table, plot; resume."""
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 EVAL = ROOT / "examples" / "eval"
-TOY = ROOT / "examples" / "toy"
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(TOY))
+sys.path.insert(0, str(EVAL))
 
-import world  # noqa: E402
-
-COLOURS = ["red", "green", "blue", "yellow"]
+from toy_benchmarks import make_hatefulmemes, make_vqav2  # noqa: E402
 
 
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if k != "FLAMINGO_CKPT"}
     return {**env, "PATH": f"{BIN}:{env['PATH']}", **extra}
-
-
-def make_vqav2(root: Path, n: int = 10) -> None:
-    """A VQAv2 download in miniature: toy-world pictures, colour questions, ten answers each."""
-    rng = random.Random(0)
-    for split in ("train", "val"):
-        (root / f"{split}2014").mkdir(parents=True)
-        questions, annotations = [], []
-        for i in range(n):
-            image_id = 1000 * (split == "val") + i
-            colour, shape = rng.choice(COLOURS), rng.choice(world.SHAPES)
-            world.draw(colour, shape, seed=image_id).save(root / f"{split}2014" / f"COCO_{split}2014_{image_id:012d}.jpg")
-            qid = image_id * 10
-            questions.append({"image_id": image_id, "question": "What colour is the shape?", "question_id": qid})
-            answers = [colour] * 8 + [rng.choice(COLOURS)] * 2
-            annotations.append({"question_id": qid, "image_id": image_id, "question_type": "what color",
-                                "answer_type": "other", "multiple_choice_answer": colour,
-                                "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1}
-                                            for j, a in enumerate(answers)]})
-        (root / f"v2_OpenEnded_mscoco_{split}2014_questions.json").write_text(json.dumps({"questions": questions}))
-        (root / f"v2_mscoco_{split}2014_annotations.json").write_text(json.dumps({"annotations": annotations}))
-
-
-def make_hatefulmemes(root: Path, n: int = 8) -> None:
-    """A HatefulMemes download in miniature: `label` 1 for red pictures."""
-    rng = random.Random(1)
-    (root / "img").mkdir(parents=True)
-    for split in ("train", "dev_seen"):
-        lines = []
-        for i in range(n):
-            meme_id = 100 * (split == "dev_seen") + i
-            colour = COLOURS[i % 2]  # both labels in every split
-            world.draw(colour, rng.choice(world.SHAPES), seed=meme_id).save(root / "img" / f"{meme_id:05d}.png")
-            lines.append(json.dumps({"id": meme_id, "img": f"img/{meme_id:05d}.png", "label": int(colour == "red"),
-                                     "text": f"a {colour} picture"}))
-        (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
 
 
 def sweep(out: Path, bench: str, data: Path, cache: Path, **sizes):

@@ -1,0 +1,68 @@
+"""Two benchmarks in miniature, in their native download layouts, from the toy world of examples/toy:
+pictures the bundled model can read, so a sweep on them shows real few-shot behaviour.
+
+    python examples/eval/toy_benchmarks.py DIR      # DIR/vqav2 (VQAv2 layout), DIR/hatefulmemes
+
+- vqav2: "What colour is the shape?" with ten human answers (eight agree).
+- hatefulmemes: the HatefulMemes layout with "hateful" meaning "the picture is red": a task
+  the model can only learn from the demonstrations.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "toy"))
+
+import world  # noqa: E402
+
+COLOURS = ["red", "green", "blue", "yellow"]
+
+
+def make_vqav2(root: Path, n: int = 10) -> None:
+    """A VQAv2 download in miniature: toy-world pictures, colour questions, ten answers each."""
+    rng = random.Random(0)
+    for split in ("train", "val"):
+        (root / f"{split}2014").mkdir(parents=True)
+        questions, annotations = [], []
+        for i in range(n):
+            image_id = 1000 * (split == "val") + i
+            colour, shape = rng.choice(COLOURS), rng.choice(world.SHAPES)
+            world.draw(colour, shape, seed=image_id).save(root / f"{split}2014" / f"COCO_{split}2014_{image_id:012d}.jpg")
+            qid = image_id * 10
+            questions.append({"image_id": image_id, "question": "What colour is the shape?", "question_id": qid})
+            answers = [colour] * 8 + [rng.choice(COLOURS)] * 2
+            annotations.append({"question_id": qid, "image_id": image_id, "question_type": "what color",
+                                "answer_type": "other", "multiple_choice_answer": colour,
+                                "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1}
+                                            for j, a in enumerate(answers)]})
+        (root / f"v2_OpenEnded_mscoco_{split}2014_questions.json").write_text(json.dumps({"questions": questions}))
+        (root / f"v2_mscoco_{split}2014_annotations.json").write_text(json.dumps({"annotations": annotations}))
+
+
+def make_hatefulmemes(root: Path, n: int = 8) -> None:
+    """A HatefulMemes download in miniature: `label` 1 for red pictures."""
+    rng = random.Random(1)
+    (root / "img").mkdir(parents=True)
+    for split in ("train", "dev_seen"):
+        lines = []
+        for i in range(n):
+            meme_id = 100 * (split == "dev_seen") + i
+            colour = COLOURS[i % 2]  # both labels in every split
+            world.draw(colour, rng.choice(world.SHAPES), seed=meme_id).save(root / "img" / f"{meme_id:05d}.png")
+            lines.append(json.dumps({"id": meme_id, "img": f"img/{meme_id:05d}.png", "label": int(colour == "red"),
+                                     "text": f"a {colour} picture"}))
+        (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dir", type=Path)
+    parser.add_argument("--questions", type=int, default=24, help="VQAv2 questions per split")
+    parser.add_argument("--memes", type=int, default=16, help="memes per split")
+    args = parser.parse_args()
+    make_vqav2(args.dir / "vqav2", args.questions)
+    make_hatefulmemes(args.dir / "hatefulmemes", args.memes)
