@@ -136,7 +136,7 @@ def images(out: Path) -> list[Image.Image]:
     return pics
 
 
-def build(family: str, out: Path, clip_dir: Path, seed: int):
+def build(family: str, out: Path, seed: int):
     every, with_pad = MODELS[family]
     torch.manual_seed(seed)
     tok = tokenizer(with_pad)
@@ -162,7 +162,7 @@ def build(family: str, out: Path, clip_dir: Path, seed: int):
         head = model.lang_encoder.get_output_embeddings()
         if head_mean is not None and head.weight is not model.lang_encoder.get_input_embeddings().weight:
             head.weight[added] = head_mean
-    return model, image_processor, text_tokenizer, lm_dir, added
+    return model, image_processor, text_tokenizer, added
 
 
 def main(out: Path) -> None:
@@ -179,7 +179,7 @@ def main(out: Path) -> None:
     shared_visual = clip.visual.state_dict()
 
     for n, family in enumerate(MODELS):
-        model, image_processor, text_tokenizer, lm_dir, added = build(family, out, clip_dir, seed=n + 1)
+        model, image_processor, text_tokenizer, added = build(family, out, seed=n + 1)
         model.vision_encoder.load_state_dict(shared_visual)
         pixels = torch.stack([image_processor(p) for p in pics])  # (3, 3, 224, 224)
         vision_x = pixels[None, :, None].expand(2, -1, -1, -1, -1, -1)  # (b=2, T=3, F=1, c, h, w)
