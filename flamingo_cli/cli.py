@@ -123,8 +123,6 @@ def init(config_path, lm, lm_dtype, encoder, encoder_weights, every, placement, 
                f"{', '.join(model.xattn.keys())} (untrained)", err=True)
 
 
-
-
 @cli.group(name="import", short_help="Convert other toolkits' checkpoints into ours.")
 def import_():
     """Convert checkpoints written by other Flamingo implementations into checkpoint directories."""
@@ -153,7 +151,6 @@ def import_openflamingo(checkpoint, config_path, lm, lm_dtype, encoder_weights, 
     missing, unknown, mis-shaped or different is an error that names it.
     """
     from .checkpoint import save_checkpoint
-    from .errors import ConfigError
     from .openflamingo import import_openflamingo as run_import
 
     _quiet_libraries()
@@ -166,8 +163,6 @@ def import_openflamingo(checkpoint, config_path, lm, lm_dtype, encoder_weights, 
         config.lm.dtype = lm_dtype
     if encoder_weights is not None:
         config.encoder.weights, config.encoder.pretrained = encoder_weights, False
-    if not os.path.isfile(checkpoint):
-        raise ConfigError(f"{checkpoint}: no such file")
     model, report = run_import(checkpoint, config, check_preset=config_path is not None)
     save_checkpoint(model, out, embed_lm=embed, embed_encoder=embed)
     for line in report.lines():
