@@ -4,6 +4,8 @@
     DIR/model.safetensors    the trainable weights only (resampler, xattn blocks, new token rows)
     DIR/lm/                  optional: the frozen LM and tokenizer, for a self-contained checkpoint
     DIR/encoder.safetensors  optional: the frozen vision encoder's weights
+    DIR/lm_overrides.safetensors  optional: LM weights (by the LM's own names) that replace the
+                             loaded ones, e.g. embedding rows an imported checkpoint trained
 
 Relative paths in config.yaml resolve against DIR. This module is the only one that
 reads or writes these files; the model itself never touches the filesystem.
@@ -32,6 +34,7 @@ CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 LM_DIR = "lm"
 ENCODER_FILE = "encoder.safetensors"
+LM_OVERRIDES_FILE = "lm_overrides.safetensors"
 # The default model: trained by examples/toy on its shapes world, shipped as package data.
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "default_model"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -165,7 +168,35 @@ def build_model(config: FlamingoConfig, base: Path | None = None, *, with_encode
             f"encoder {config.encoder.name} gives {encoder.dim}-wide features but resampler.dim is {config.resampler.dim}"
         )
     lm, tokenizer = load_lm(config.lm, base)
-    return Flamingo(config, lm, tokenizer, encoder)
+    overrides = read_lm_overrides(base) if base is not None else {}
+    apply_lm_overrides(lm, overrides, str(Path(base or ".") / LM_OVERRIDES_FILE))
+    model = Flamingo(config, lm, tokenizer, encoder)
+    model.lm_overrides = overrides
+    return model
+
+
+def read_lm_overrides(directory: Path) -> dict[str, torch.Tensor]:
+    path = Path(directory) / LM_OVERRIDES_FILE
+    return read_state_file(path) if path.is_file() else {}
+
+
+def apply_lm_overrides(lm: torch.nn.Module, overrides: dict[str, torch.Tensor], source: str) -> None:
+    """Replace LM weights by name, strictly: every name must be one of the LM's, with its shape."""
+    if not overrides:
+        return
+    own = lm.state_dict(keep_vars=True)
+    unknown = sorted(k for k in overrides if k not in own)
+    shapes = sorted(k for k in overrides if k in own and own[k].shape != overrides[k].shape)
+    problems = []
+    if unknown:
+        problems.append("not weights of this LM: " + listing(unknown))
+    if shapes:
+        problems.append("wrong shape " + listing(shapes))
+    if problems:
+        raise CheckpointError(f"{source}: " + "; ".join(problems))
+    with torch.no_grad():
+        for name, tensor in overrides.items():
+            own[name].copy_(tensor)
 
 
 def new_model(config: FlamingoConfig, *, seed: int = 0) -> Flamingo:
@@ -260,6 +291,9 @@ def save_checkpoint(model: Flamingo, directory: str | Path, *, embed_lm: bool = 
         elif weights is not None:
             config.encoder.weights = str(weights)
 
+        overrides = getattr(model, "lm_overrides", None)
+        if overrides:
+            save_file({k: v.detach().contiguous().cpu() for k, v in overrides.items()}, str(tmp / LM_OVERRIDES_FILE))
         (tmp / CONFIG_FILE).write_text(config.to_yaml())
         for name, data in (extra or {}).items():
             (tmp / name).write_bytes(data)

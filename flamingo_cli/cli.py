@@ -139,9 +139,12 @@ def import_():
 @click.option("--encoder-weights", type=click.Path(dir_okay=False),
               help="CLIP ViT-L/14 weights, in timm's or open_clip's layout (e.g. open_clip_pytorch_model.bin). "
               "Default: timm's pretrained vit_large_patch14_clip_224.openai, downloaded.")
+@click.option("--take-lm-rows", is_flag=True,
+              help="Where the file's embedding rows of the LM's own tokens differ from the LM's (a run that trained "
+              "them all), use the file's, as OpenFlamingo does; they are stored in the checkpoint. Default: an error.")
 @click.option("--embed", is_flag=True, help="Copy the LM and encoder weights into the checkpoint.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory to write.")
-def import_openflamingo(checkpoint, config_path, lm, lm_dtype, encoder_weights, embed, out):
+def import_openflamingo(checkpoint, config_path, lm, lm_dtype, encoder_weights, take_lm_rows, embed, out):
     """Import CHECKPOINT, a file written by OpenFlamingo's training (checkpoint_*.pt) or a
     released OpenFlamingo checkpoint.pt, into a checkpoint directory that every stage reads.
 
@@ -163,7 +166,7 @@ def import_openflamingo(checkpoint, config_path, lm, lm_dtype, encoder_weights, 
         config.lm.dtype = lm_dtype
     if encoder_weights is not None:
         config.encoder.weights, config.encoder.pretrained = encoder_weights, False
-    model, report = run_import(checkpoint, config, check_preset=config_path is not None)
+    model, report = run_import(checkpoint, config, check_preset=config_path is not None, take_lm_rows=take_lm_rows)
     save_checkpoint(model, out, embed_lm=embed, embed_encoder=embed)
     for line in report.lines():
         click.echo(f"{checkpoint}: {line}", err=True)

@@ -123,11 +123,15 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def load_openflamingo_state(model, lm_state: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
-                            source: str) -> Report:
+                            source: str, *, take_lm_rows: bool = False) -> Report:
     """Copy an OpenFlamingo file's tensors into `model` (a Flamingo built from openflamingo_config).
 
     lm_state is the LM's own state dict, taken before the model wrapped the LM. Raises one
     CheckpointError naming every missing, unknown, mis-shaped or mismatching tensor.
+
+    An embedding the file carries must hold the LM's own rows, unless take_lm_rows: then rows
+    that differ (OpenFlamingo trains every row when FSDP runs without use_orig_params) replace
+    the LM's, as OpenFlamingo's own loading does, and go to `model.lm_overrides`.
     """
     report = Report()
     targets = model.trainable_state_dict()
@@ -143,6 +147,7 @@ def load_openflamingo_state(model, lm_state: dict[str, torch.Tensor], state: dic
 
     unknown, wrong, differ = [], [], []
     filled: dict[str, torch.Tensor] = {}
+    overrides: dict[str, torch.Tensor] = {}
 
     def fill(ours: str, key: str, value: torch.Tensor) -> None:
         if tuple(value.shape) != tuple(targets[ours].shape):
@@ -161,21 +166,32 @@ def load_openflamingo_state(model, lm_state: dict[str, torch.Tensor], state: dic
         else:
             report.checked.append(key)
 
-    def embedding_rows(key: str, value: torch.Tensor, base: torch.Tensor, new: str | None) -> None:
+    def embedding_rows(key: str, value: torch.Tensor, name: str, new: str | None) -> None:
         """A resized embedding or head: the LM's rows, then the new tokens' rows."""
+        base = lm_state[name]
         if value.ndim != 2 or value.shape[0] != n_tokens or value.shape[1] != base.shape[1]:
             wrong.append(f"{key} (file {list(value.shape)}, expected [{n_tokens}, {base.shape[1]}]: the LM's "
                          f"tokenizer plus OpenFlamingo's tokens; is --lm the LM this checkpoint was trained with?)")
             return
         first, end = rows.first_id, rows.first_id + rows.count
         kept = min(first, base.shape[0])
-        if not _equal(value[:kept], base[:kept]):
-            differ.append(f"{key} rows 0-{kept - 1} (max |diff| {_max_diff(value[:kept], base[:kept]):.3g} from the "
-                          "LM's own: is --lm the LM this checkpoint was trained with?)")
-        elif end < n_tokens and not _equal(value[end:], base[end:n_tokens]):
-            differ.append(f"{key} rows {end}-{n_tokens - 1} (differ from the LM's own)")
-        else:
+        own = [(0, kept), (end, min(n_tokens, base.shape[0]))]  # the LM's rows, around the new ones
+        diffs = [(a, b) for a, b in own if a < b and not _equal(value[a:b], base[a:b])]
+        if not diffs:
             report.checked.append(f"{key} (rows 0-{kept - 1})")
+        elif take_lm_rows:
+            override = base.detach().clone()
+            for a, b in own:
+                override[a:b] = value[a:b].to(override.dtype)
+            overrides[name] = override
+            gap = max(_max_diff(value[a:b], base[a:b]) for a, b in diffs)
+            report.notes.append(f"{key}: the LM's own rows differ from {name} (max |diff| {gap:.3g}); "
+                                "taken from the file, as OpenFlamingo's loading does")
+        else:
+            a, b = diffs[0]
+            differ.append(f"{key} rows {a}-{b - 1} (max |diff| {_max_diff(value[a:b], base[a:b]):.3g} from the "
+                          "LM's own: is --lm the LM this checkpoint was trained with? If it was trained with all "
+                          "its rows, --take-lm-rows uses the file's)")
         if new is not None:
             fill(new, key, value[first:end])
 
@@ -201,11 +217,11 @@ def load_openflamingo_state(model, lm_state: dict[str, torch.Tensor], state: dic
         elif key.startswith("lang_encoder."):
             name = _lm_name(key[len("lang_encoder."):], layers_path, renames, lm_state)
             if name == emb_name:
-                embedding_rows(key, value, lm_state[name], "new_tokens.input")
+                embedding_rows(key, value, name, "new_tokens.input")
             elif name == head_name and tied:
                 carried(key, value, state.get(f"lang_encoder.{emb_name}", lm_state[name]), "input embeddings it is tied to")
             elif name == head_name:
-                embedding_rows(key, value, lm_state[name], "new_tokens.output")
+                embedding_rows(key, value, name, "new_tokens.output")
             elif name in lm_state:
                 carried(key, value, lm_state[name], "LM's own")
             elif name.endswith(".inv_freq") and (found := rotary.get(tuple(value.shape))) is not None:
@@ -245,6 +261,9 @@ def load_openflamingo_state(model, lm_state: dict[str, torch.Tensor], state: dic
     with torch.no_grad():
         for ours, value in filled.items():
             targets[ours].copy_(value)
+        for name, value in overrides.items():
+            lm_state[name].copy_(value)
+    model.lm_overrides = overrides
     return report
 
 
@@ -311,7 +330,8 @@ def _check_vision(model, state: dict[str, torch.Tensor], report: Report, unknown
         report.checked.extend(keys)
 
 
-def import_openflamingo(path: str, preset: FlamingoConfig, *, check_preset: bool = True):
+def import_openflamingo(path: str, preset: FlamingoConfig, *, check_preset: bool = True,
+                        take_lm_rows: bool = False):
     """Read an OpenFlamingo checkpoint (torch.load with weights_only=True: tensors, never code)
     and return (our Flamingo model holding its weights, Report).
 
@@ -340,7 +360,7 @@ def import_openflamingo(path: str, preset: FlamingoConfig, *, check_preset: bool
             f"{source}: cross-attention before LM layers {_ranges(layout.xattn_layers)}, but a {n_layers}-layer LM "
             f"with xattn every {layout.every} has it before layers {_ranges(placed)}: is --lm the right LM?")
     model = Flamingo(config, lm, tokenizer, encoder)
-    report = load_openflamingo_state(model, lm_state, state, source)
+    report = load_openflamingo_state(model, lm_state, state, source, take_lm_rows=take_lm_rows)
     report.notes.insert(0, f"xattn every {layout.every} (before LM layers {_ranges(layout.xattn_layers)}), "
                            f"perceiver depth {layout.depth} with {layout.num_latents} latents of width {layout.vis_dim}")
     return model, report

@@ -241,6 +241,37 @@ def test_rejects_an_lm_the_checkpoint_was_not_trained_with(tmp_path):
            "lang_encoder.transformer.wte.weight rows 0-319")
 
 
+def test_take_lm_rows_keeps_the_files_rows_through_save_and_load(tmp_path):
+    # A run that trained every embedding row (FSDP without use_orig_params): OpenFlamingo loads
+    # the file's rows over the LM's, and so do we when asked, storing them with the checkpoint.
+    from flamingo_cli.checkpoint import LM_OVERRIDES_FILE, load_checkpoint, save_checkpoint
+
+    key = "lang_encoder.transformer.wte.weight"
+    edited = {}
+
+    def edit(s):
+        s[key][5] += 1
+        edited["row"] = s[key][5].clone()
+    out, r = import_cmd(tmp_path, "mpt", _edited(tmp_path, "mpt", edit), "--take-lm-rows")
+    assert r.returncode == 0, r.stderr
+    assert "taken from the file" in r.stderr and (out / LM_OVERRIDES_FILE).is_file()
+    model = load_checkpoint(out)
+    weight = model.lm.get_input_embeddings().weight
+    assert torch.equal(weight[5], edited["row"])
+    original = load_file(str(GOLDEN / "mpt" / "lm" / "model.safetensors"))["transformer.wte.weight"]
+    assert torch.equal(weight[:5], original[:5]) and torch.equal(weight[6:], original[6:])
+    save_checkpoint(model, tmp_path / "again")  # e.g. a pretrain run from it keeps the rows
+    assert torch.equal(load_checkpoint(tmp_path / "again").lm.get_input_embeddings().weight[5], edited["row"])
+
+    from safetensors.torch import save_file
+
+    from flamingo_cli.errors import CheckpointError
+
+    save_file({"transformer.not_a_weight": torch.zeros(2)}, str(tmp_path / "again" / LM_OVERRIDES_FILE))
+    with pytest.raises(CheckpointError, match="not weights of this LM: transformer.not_a_weight"):
+        load_checkpoint(tmp_path / "again")
+
+
 def test_rejects_a_preset_of_another_size(tmp_path):
     out = tmp_path / "x"
     r = run("import", "openflamingo", str(GOLDEN / "llama" / "checkpoint.pt"), "--lm", str(GOLDEN / "llama" / "lm"),
