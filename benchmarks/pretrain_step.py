@@ -40,13 +40,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `flamingo` itself does
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from flamingo_cli.checkpoint import load_checkpoint, load_checkpoint_encoder, new_model, save_checkpoint  # noqa: E402
-from flamingo_cli.config import EncoderConfig, FlamingoConfig, ResamplerConfig, XAttnConfig  # noqa: E402
-from flamingo_cli.data import ExampleStream, ImageEncoder, parse_specs  # noqa: E402
-from flamingo_cli.encoding import write_feature_shards  # noqa: E402
-from flamingo_cli.sampling import SamplingConfig  # noqa: E402
+from flamingo_cli.formats.checkpoint import load_checkpoint, load_checkpoint_encoder, new_model, save_checkpoint  # noqa: E402
+from flamingo_cli.model.config import EncoderConfig, FlamingoConfig, ResamplerConfig, XAttnConfig  # noqa: E402
+from flamingo_cli.training.data import ExampleStream, ImageEncoder, parse_specs  # noqa: E402
+from flamingo_cli.inference.encoding import write_feature_shards  # noqa: E402
+from flamingo_cli.training.sampling import SamplingConfig  # noqa: E402
 from flamingo_cli.tiny import save_tiny_lm  # noqa: E402
-from flamingo_cli.training import Trainer, TrainConfig  # noqa: E402
+from flamingo_cli.training.trainer import Trainer, TrainConfig  # noqa: E402
 
 ENCODER = "vit_small_patch16_224"
 IMAGES, SIZE = 64, 224

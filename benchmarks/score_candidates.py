@@ -1,7 +1,7 @@
 """Close-ended scoring: the prompt prefix run once vs a full forward per candidate.
 
 Builds a small random Flamingo on the spot (nothing is downloaded), then times, for
-2, 10 and 100 candidates, `flamingo_cli.scoring.score_candidates` (prompt once, the
+2, 10 and 100 candidates, `flamingo_cli.inference.scoring.score_candidates` (prompt once, the
 candidates in batched forwards against its KV cache) against the naive baseline
 (prompt + candidate through the whole model, one candidate at a time), and checks
 that both give the same scores.
@@ -22,9 +22,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from flamingo_cli.config import FlamingoConfig, ResamplerConfig, XAttnConfig  # noqa: E402
-from flamingo_cli.model import Flamingo  # noqa: E402
-from flamingo_cli.scoring import CONTINUATION, candidate_ids, score_candidates  # noqa: E402
+from flamingo_cli.model.config import FlamingoConfig, ResamplerConfig, XAttnConfig  # noqa: E402
+from flamingo_cli.model.flamingo import Flamingo  # noqa: E402
+from flamingo_cli.inference.scoring import CONTINUATION, candidate_ids, score_candidates  # noqa: E402
 from flamingo_cli.tiny import save_tiny_lm  # noqa: E402
 
 SHOT = "<image>Question: What shape is it? Answer: a red circle on a blue background.<|endofchunk|>"

@@ -7,7 +7,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from flamingo_cli.config import FlamingoConfig, ResamplerConfig, XAttnConfig  # noqa: E402
+from flamingo_cli.model.config import FlamingoConfig, ResamplerConfig, XAttnConfig  # noqa: E402
 from flamingo_cli.tiny import save_tiny_lm  # noqa: E402
 
 VISUAL_DIM = 32
@@ -41,7 +41,7 @@ def make_model(lm_dir):
     """Build a Flamingo around a freshly loaded tiny LM (no encoder: tests feed visual tokens)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from flamingo_cli.model import Flamingo
+    from flamingo_cli.model.flamingo import Flamingo
 
     def make(family="llama", *, gates=0.0, seed=0, **xattn):
         path = lm_dir(family)

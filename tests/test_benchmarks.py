@@ -1,12 +1,12 @@
-"""Native benchmark annotation files -> records (flamingo_cli.benchmarks)."""
+"""Native benchmark annotation files -> records (flamingo_cli.evaluation.benchmarks)."""
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from flamingo_cli.artifacts import ArtifactError
-from flamingo_cli.benchmarks import (
+from flamingo_cli.formats.artifacts import ArtifactError
+from flamingo_cli.evaluation.benchmarks import (
     BENCHMARKS,
     TASKS,
     imagenet_classnames,
@@ -388,6 +388,6 @@ def test_sample():
 
 
 def test_the_data_command_offers_every_benchmark():
-    from flamingo_cli.cli import BENCHMARK_NAMES
+    from flamingo_cli.cli.core import BENCHMARK_NAMES
 
     assert sorted(BENCHMARK_NAMES) == sorted(BENCHMARKS)

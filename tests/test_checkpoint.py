@@ -6,8 +6,8 @@ import torch
 from conftest import ids_for, tiny_config
 from safetensors.torch import load_file, save_file
 
-from flamingo_cli.checkpoint import WEIGHTS_FILE, load_checkpoint, new_model, save_checkpoint
-from flamingo_cli.config import EncoderConfig, FlamingoConfig
+from flamingo_cli.formats.checkpoint import WEIGHTS_FILE, load_checkpoint, new_model, save_checkpoint
+from flamingo_cli.model.config import EncoderConfig, FlamingoConfig
 from flamingo_cli.errors import CheckpointError, ConfigError
 
 PROMPT = "<image>a red circle<|endofchunk|><image>a"

@@ -36,7 +36,7 @@ def test_bad_option_exits_2_with_usage_on_stderr():
 
 
 def test_init_writes_a_loadable_untrained_checkpoint(tmp_path, lm_dir):
-    from flamingo_cli.checkpoint import load_checkpoint
+    from flamingo_cli.formats.checkpoint import load_checkpoint
 
     out = tmp_path / "ckpt"
     r = run("init", "-c", str(ROOT / "stages/init/tiny.yaml"), "--lm", str(lm_dir("gpt2")), "-o", str(out))
@@ -50,7 +50,7 @@ def test_init_writes_a_loadable_untrained_checkpoint(tmp_path, lm_dir):
 
 
 def test_flag_beats_environment_beats_yaml(tmp_path, lm_dir):
-    from flamingo_cli.checkpoint import read_config
+    from flamingo_cli.formats.checkpoint import read_config
 
     base = ["init", "-c", str(ROOT / "stages/init/tiny.yaml"), "--lm", str(lm_dir("gpt2"))]
     runner = CliRunner()

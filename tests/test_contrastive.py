@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from flamingo_cli.contrastive import ENCODER_CONFIG_FILE, ENCODER_WEIGHTS_FILE, contrastive_loss, read_encoder_dir
+from flamingo_cli.training.contrastive import ENCODER_CONFIG_FILE, ENCODER_WEIGHTS_FILE, contrastive_loss, read_encoder_dir
 
 BIN = Path(sys.executable).parent
 
@@ -73,7 +73,7 @@ def _flamingo(*args, cwd=None, stdin=None):
 def test_contrastive_run_gives_the_encoder_init_freezes(tmp_path, pairs, lm_dir):
     from safetensors.torch import load_file
 
-    from flamingo_cli.checkpoint import load_checkpoint
+    from flamingo_cli.formats.checkpoint import load_checkpoint
 
     out = tmp_path / "encoder"
     r = _flamingo("contrastive", pairs, "--tokenizer", lm_dir("llama"), "-o", out, "--encoder", "test_vit",

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from flamingo_cli.artifacts import ArtifactError
-from flamingo_cli.evaluation import PostProcess, evaluate_records, join_references, merge_ensembles
+from flamingo_cli.formats.artifacts import ArtifactError
+from flamingo_cli.evaluation.evaluate import PostProcess, evaluate_records, join_references, merge_ensembles
 
 FLAMINGO = [sys.executable, "-c", "from flamingo_cli.cli import main; main()"]
 

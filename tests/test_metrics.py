@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flamingo_cli.metrics import (
+from flamingo_cli.evaluation.metrics import (
     cider_d,
     cut_at,
     normalize_vqa_answer,

@@ -6,8 +6,8 @@ import torch
 from conftest import cache_of, ids_for, visual_tokens
 from transformers import AutoModelForCausalLM
 
-from flamingo_cli.lm import xattn_layer_indices
-from flamingo_cli.model import lm_loss
+from flamingo_cli.model.lm import xattn_layer_indices
+from flamingo_cli.model.flamingo import lm_loss
 from flamingo_cli.tiny import FAMILIES
 
 PROMPT = "<image>a red circle<|endofchunk|><image>a green square<|endofchunk|><image>a"
@@ -220,7 +220,7 @@ def test_two_models_and_two_threads_do_not_interfere(make_model):
 
 
 def test_an_lm_cannot_be_wrapped_twice(make_model):
-    from flamingo_cli.model import Flamingo
+    from flamingo_cli.model.flamingo import Flamingo
 
     model = make_model("llama")
     with pytest.raises(ValueError, match="already part of a Flamingo"):
@@ -249,7 +249,7 @@ def test_lm_held_in_bfloat16_with_fp32_blocks(lm_dir):
     from conftest import tiny_config
     from transformers import AutoTokenizer
 
-    from flamingo_cli.model import Flamingo
+    from flamingo_cli.model.flamingo import Flamingo
 
     path = lm_dir("llama")
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
@@ -266,7 +266,7 @@ def test_lm_held_in_bfloat16_with_fp32_blocks(lm_dir):
 def test_new_token_rows_land_at_their_ids_even_past_a_gap():
     from torch import nn
 
-    from flamingo_cli.lm import EmbeddingWithNewRows, HeadWithNewRows, NewTokenRows
+    from flamingo_cli.model.lm import EmbeddingWithNewRows, HeadWithNewRows, NewTokenRows
 
     base_emb, base_head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
     # right after the LM's rows, after a gap, inside padding rows (dropped past the tokenizer),
@@ -293,7 +293,7 @@ def test_new_token_rows_land_at_their_ids_even_past_a_gap():
 
 
 def test_next_image_mode_attends_to_the_following_image(make_model):
-    from flamingo_cli.masking import image_index
+    from flamingo_cli.model.masking import image_index
 
     model = make_model("llama", gates=0.5)
     ids = ids_for(model, "before " + PROMPT + " after")
@@ -331,6 +331,6 @@ def test_activation_checkpointing_gives_the_same_gradients(make_model, family):
     model.set_activation_checkpointing(False)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, recomputed))
     assert all(p.grad is None for p in model.lm.parameters())
-    from flamingo_cli.lm import decoder_layers
+    from flamingo_cli.model.lm import decoder_layers
 
     assert all("forward" not in layer.__dict__ for layer in decoder_layers(model.lm))

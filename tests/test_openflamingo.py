@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from flamingo_cli.config import FlamingoConfig
+from flamingo_cli.model.config import FlamingoConfig
 
 GOLDEN = Path(__file__).parent / "golden" / "openflamingo"
 FAMILIES = ["mpt", "opt", "llama", "gpt_neox"]
@@ -46,7 +46,7 @@ def preset_file(tmp_path: Path, every: int) -> Path:
 
 @pytest.fixture(scope="module")
 def imported():
-    from flamingo_cli.openflamingo import import_openflamingo
+    from flamingo_cli.importers.openflamingo import import_openflamingo
 
     cache = {}
 
@@ -173,7 +173,7 @@ def test_flamingo_generate_on_an_imported_checkpoint_answers_as_openflamingo(tmp
 
 
 def test_import_without_a_preset_reads_the_architecture_from_the_file(tmp_path, imported):
-    from flamingo_cli.openflamingo import import_openflamingo
+    from flamingo_cli.importers.openflamingo import import_openflamingo
 
     # Every architecture field comes from the file, whatever the base config says ...
     config = preset(1)  # the LLaMA checkpoint has xattn every 2
@@ -254,7 +254,7 @@ def test_rejects_an_lm_the_checkpoint_was_not_trained_with(tmp_path):
 def test_take_lm_rows_keeps_the_files_rows_through_save_and_load(tmp_path):
     # A run that trained every embedding row (FSDP without use_orig_params): OpenFlamingo loads
     # the file's rows over the LM's, and so do we when asked, storing them with the checkpoint.
-    from flamingo_cli.checkpoint import LM_OVERRIDES_FILE, load_checkpoint, save_checkpoint
+    from flamingo_cli.formats.checkpoint import LM_OVERRIDES_FILE, load_checkpoint, save_checkpoint
 
     key = "lang_encoder.transformer.wte.weight"
     edited = {}
@@ -309,7 +309,7 @@ def test_accepts_module_prefix_and_the_older_alias(tmp_path, imported):
 def test_encoder_weights_in_any_of_open_clips_layouts(tmp_path, imported):
     # The whole CLIP state dict (as open_clip saves it, text tower included), or the visual
     # module's alone: both are converted by timm's converter into the same encoder.
-    from flamingo_cli.checkpoint import load_encoder
+    from flamingo_cli.formats.checkpoint import load_encoder
 
     full = torch.load(GOLDEN / "clip.pt", weights_only=True)
     visual = {k.removeprefix("visual."): v for k, v in full.items() if k.startswith("visual.")}

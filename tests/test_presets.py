@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flamingo_cli.config import FlamingoConfig
+from flamingo_cli.model.config import FlamingoConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ROOT / "stages"

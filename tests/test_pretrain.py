@@ -36,8 +36,8 @@ def run(args, cwd, env, check=True, **kw):
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory, lm_dir):
     """Feature shards of pairs and documents, and an untrained tiny checkpoint."""
-    from flamingo_cli.checkpoint import new_model, save_checkpoint
-    from flamingo_cli.config import FlamingoConfig
+    from flamingo_cli.formats.checkpoint import new_model, save_checkpoint
+    from flamingo_cli.model.config import FlamingoConfig
 
     root = tmp_path_factory.mktemp("pretrain")
     config = FlamingoConfig.from_yaml((ROOT / "stages/init/tiny.yaml").read_text())
@@ -104,10 +104,10 @@ def test_two_processes_match_one_with_the_same_global_batch(toy):
 
 
 def _trainer(toy_root, weights):
-    from flamingo_cli.checkpoint import load_checkpoint
-    from flamingo_cli.data import ExampleStream, parse_specs
-    from flamingo_cli.sampling import SamplingConfig
-    from flamingo_cli.training import TrainConfig, Trainer
+    from flamingo_cli.formats.checkpoint import load_checkpoint
+    from flamingo_cli.training.data import ExampleStream, parse_specs
+    from flamingo_cli.training.sampling import SamplingConfig
+    from flamingo_cli.training.trainer import TrainConfig, Trainer
 
     model = load_checkpoint(toy_root / "ckpt", with_encoder=False)
     specs = parse_specs([f"pairs={toy_root}/shards/pairs-{{000000..000001}}.tar", f"docs={toy_root}/shards/docs-000000.tar"],
@@ -162,7 +162,7 @@ def test_metrics_hold_losses_rates_and_every_gate(toy):
 def test_training_from_features_never_loads_the_encoder(toy):
     root, env = toy
     # A real process whose encoder loaders fail if called.
-    code = ("import sys\nimport flamingo_cli.checkpoint as c\n"
+    code = ("import sys\nimport flamingo_cli.formats.checkpoint as c\n"
             "def refuse(*a, **k):\n    raise SystemExit('the vision encoder was loaded')\n"
             "c.load_encoder = c.load_checkpoint_encoder = refuse\n"
             "from flamingo_cli.cli import main\nsys.argv = ['flamingo', *sys.argv[1:]]\nmain()\n")
@@ -189,8 +189,8 @@ def test_raw_image_shards_are_encoded_on_the_fly_and_bad_samples_skipped(toy):
 
 
 def test_foreign_features_are_refused(toy, tmp_path):
-    from flamingo_cli.checkpoint import new_model, save_checkpoint
-    from flamingo_cli.config import EncoderConfig, FlamingoConfig
+    from flamingo_cli.formats.checkpoint import new_model, save_checkpoint
+    from flamingo_cli.model.config import EncoderConfig, FlamingoConfig
 
     root, env = toy
     config = FlamingoConfig.from_yaml((root / "ckpt/config.yaml").read_text())
@@ -239,7 +239,7 @@ def test_fsdp_shards_match_one_process_and_resume_exactly(toy):
 
 
 def test_ranks_come_from_torchrun_or_slurm(monkeypatch):
-    from flamingo_cli.training import Distributed
+    from flamingo_cli.training.trainer import Distributed
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
         monkeypatch.delenv(name, raising=False)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flamingo_cli.errors import FlamingoError
-from flamingo_cli.prompting import (
+from flamingo_cli.inference.prompting import (
     Template,
     build_prompt,
     load_template,
@@ -229,7 +229,7 @@ def test_random_is_the_same_in_another_process():
     here = {qid: select_shots({"id": qid}, support, 5, "random", 42) for qid in ["a", "b", 17]}
     code = (
         "import json, sys\n"
-        "from flamingo_cli.prompting import select_shots\n"
+        "from flamingo_cli.inference.prompting import select_shots\n"
         "support = [{'id': f's{i}'} for i in range(50)]\n"
         "print(json.dumps([select_shots({'id': q}, support, 5, 'random', 42) for q in ['a', 'b', 17]]))\n"
     )
@@ -349,7 +349,7 @@ def test_make_prompt_record_random_shots_in_prompt_order():
 
 
 def test_import_does_not_load_torch():
-    code = "import sys, flamingo_cli.prompting; print('torch' in sys.modules)"
+    code = "import sys, flamingo_cli.inference.prompting; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
 
@@ -357,7 +357,7 @@ def test_import_does_not_load_torch():
 # -- prompt ensembling --------------------------------------------------------------------
 
 def test_ensembles_are_orders_of_the_same_shots_drawn_from_seed_and_query_id():
-    from flamingo_cli.prompting import make_prompt_records
+    from flamingo_cli.inference.prompting import make_prompt_records
 
     template, support, query = load_template("hatefulmemes"), support_set(), {"id": "q", "image": "/q.jpg",
                                                                               "text": "hi", "label": "no"}

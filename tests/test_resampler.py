@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from flamingo_cli.config import ResamplerConfig
-from flamingo_cli.resampler import PerceiverAttention, PerceiverResampler, SquaredReLU
+from flamingo_cli.model.config import ResamplerConfig
+from flamingo_cli.model.resampler import PerceiverAttention, PerceiverResampler, SquaredReLU
 
 DIM = 32
 LATENTS = 5

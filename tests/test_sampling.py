@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from flamingo_cli.sampling import (
+from flamingo_cli.training.sampling import (
     IGNORE, Example, SamplingConfig, collate, document_ids, interleaved_example, pair_example,
 )
 

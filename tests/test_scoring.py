@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import ids_for, visual_tokens
 
-from flamingo_cli.scoring import rank, score_candidates
+from flamingo_cli.inference.scoring import rank, score_candidates
 
 PROMPT = "<image>a red circle<|endofchunk|><image>a green square<|endofchunk|><image>Output:"
 IMAGES = 3

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flamingo_cli.artifacts import save_tensors
+from flamingo_cli.formats.artifacts import save_tensors
 
 BIN = Path(sys.executable).parent
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
@@ -20,8 +20,8 @@ COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, lm_dir):
     """A working directory with images, a support set and a self-contained tiny checkpoint."""
-    from flamingo_cli.checkpoint import new_model, save_checkpoint
-    from flamingo_cli.config import FlamingoConfig
+    from flamingo_cli.formats.checkpoint import new_model, save_checkpoint
+    from flamingo_cli.model.config import FlamingoConfig
 
     root = tmp_path_factory.mktemp("world")
     config = FlamingoConfig.from_yaml((Path(__file__).parent.parent / "stages/init/tiny.yaml").read_text())
@@ -330,7 +330,7 @@ def test_progress_bars_only_on_a_terminal_and_never_on_stdout(world):
 def test_output_to_a_device_writes_through_and_never_replaces_it():
     import stat
 
-    from flamingo_cli.artifacts import open_output
+    from flamingo_cli.formats.artifacts import open_output
 
     with open_output("/dev/null") as f:
         f.write('{"id": 1}\n')

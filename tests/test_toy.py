@@ -87,7 +87,7 @@ def test_tiny_recipe_runs_end_to_end(tmp_path):
 
     from safetensors.torch import load_file
 
-    from flamingo_cli.checkpoint import load_checkpoint
+    from flamingo_cli.formats.checkpoint import load_checkpoint
 
     model = load_checkpoint(out / "run" / "checkpoint")
     trained = load_file(str(out / "encoder" / "encoder.safetensors"))
@@ -109,8 +109,8 @@ def test_bundled_model_reaches_the_stated_caption_accuracy():
     """The README's caption exact match on 50 fixed held-out images, minus a small margin."""
     import evaluate
 
-    from flamingo_cli.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
-    from flamingo_cli.media import MediaResolver
+    from flamingo_cli.formats.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
+    from flamingo_cli.inference.media import MediaResolver
 
     model = load_checkpoint(BUNDLED_CHECKPOINT).eval()
     runner = evaluate.Runner(model, MediaResolver(model))

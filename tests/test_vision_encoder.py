@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from flamingo_cli.checkpoint import load_encoder
-from flamingo_cli.config import EncoderConfig
+from flamingo_cli.formats.checkpoint import load_encoder
+from flamingo_cli.model.config import EncoderConfig
 from flamingo_cli.errors import CheckpointError
-from flamingo_cli.vision_encoder import VisionEncoder
+from flamingo_cli.model.vision_encoder import VisionEncoder
 
 VIT_SIZE = 64  # test_vit: patch 16 -> a 4x4 grid of 16 patches
 

@@ -32,11 +32,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import world  # noqa: E402
 
-from flamingo_cli.checkpoint import load_checkpoint  # noqa: E402
-from flamingo_cli.generation import batches, generate_records  # noqa: E402
-from flamingo_cli.media import MediaResolver  # noqa: E402
-from flamingo_cli.prompting import load_template, make_prompt_record  # noqa: E402
-from flamingo_cli.scoring import score_record  # noqa: E402
+from flamingo_cli.formats.checkpoint import load_checkpoint  # noqa: E402
+from flamingo_cli.inference.generation import batches, generate_records  # noqa: E402
+from flamingo_cli.inference.media import MediaResolver  # noqa: E402
+from flamingo_cli.inference.prompting import load_template, make_prompt_record  # noqa: E402
+from flamingo_cli.inference.scoring import score_record  # noqa: E402
 
 SHOTS = (0, 1, 2, 4)
 TASKS = ("caption", "colour", "shape")
@@ -195,7 +195,7 @@ def curves(runner: Runner, n: int, support: list[world.Item], images: Images, *,
 def probe(encoder, images: Images, n_train: int = 1200, n_test: int = 600) -> dict:
     """Linear-probe accuracy of pooled encoder features for colour and shape: what a frozen
     encoder hands the resampler. Trained on one set of images, tested on another."""
-    from flamingo_cli.contrastive import pooled_features
+    from flamingo_cli.training.contrastive import pooled_features
 
     transform = encoder.transform()
 
@@ -242,7 +242,7 @@ def zero_gates(model) -> None:
 
 def evaluate(ckpt: str, out: Path, n: int, *, captions: int = 50, ablation: bool = True,
              metrics: Path | None = None) -> dict:
-    from flamingo_cli.checkpoint import load_encoder
+    from flamingo_cli.formats.checkpoint import load_encoder
 
     torch.manual_seed(0)
     model = load_checkpoint(ckpt).eval()

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import FlamingoError
+from ..errors import FlamingoError
 
 FORMAT = "flamingo/1"
 FEATURES, POOLED, VISUAL = "features", "pooled", "visual"

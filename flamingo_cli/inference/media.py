@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import VISUAL, ArtifactError, digest_bytes, is_ref, load_ref, split_ref
+from ..formats.artifacts import VISUAL, ArtifactError, digest_bytes, is_ref, load_ref, split_ref
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 

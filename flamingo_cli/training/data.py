@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .artifacts import ArtifactError, read_sample
-from .errors import FlamingoError
+from ..formats.artifacts import ArtifactError, read_sample
+from ..errors import FlamingoError
 from .sampling import SamplingConfig, collate, interleaved_example, pair_example
 
 
@@ -250,7 +250,7 @@ class ImageEncoder:
         self.encoder = self.transform = None
 
     def __call__(self, images: list[bytes]) -> list[torch.Tensor]:
-        from .media import read_image
+        from ..inference.media import read_image
 
         if self.encoder is None:
             self.encoder = self.load().to(self.device)
@@ -262,7 +262,7 @@ class ImageEncoder:
 def batch_features(media: list[list], encode_images=None, device: str = "cpu") -> torch.Tensor | None:
     """Per-example media (feature tensors, or raw image bytes run through `encode_images`)
     -> (b, max media, frames, tokens, d) on `device`, zero padded."""
-    from .media import pad_media
+    from ..inference.media import pad_media
 
     raw = [m for ms in media for m in ms if not isinstance(m, torch.Tensor)]
     encoded = iter(encode_images(raw) if raw else [])

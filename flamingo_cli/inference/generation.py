@@ -5,8 +5,8 @@ from collections.abc import Iterator
 
 import torch
 
-from .artifacts import ArtifactError
-from .config import IMAGE_TOKEN
+from ..formats.artifacts import ArtifactError
+from ..model.config import IMAGE_TOKEN
 from .media import MediaResolver, pad_media
 
 

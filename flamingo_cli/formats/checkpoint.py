@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from .artifacts import default_umask, digest_file
-from .config import EncoderConfig, FlamingoConfig, LMConfig
-from .errors import CheckpointError, ConfigError
-from .model import Flamingo
-from .vision_encoder import VisionEncoder
+from ..model.config import EncoderConfig, FlamingoConfig, LMConfig
+from ..errors import CheckpointError, ConfigError
+from ..model.flamingo import Flamingo
+from ..model.vision_encoder import VisionEncoder
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -36,7 +36,7 @@ LM_DIR = "lm"
 ENCODER_FILE = "encoder.safetensors"
 LM_OVERRIDES_FILE = "lm_overrides.safetensors"
 # The default model: trained by examples/toy on its shapes world, shipped as package data.
-BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "default_model"
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[1] / "default_model"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

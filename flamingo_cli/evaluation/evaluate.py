@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .artifacts import ArtifactError
+from ..formats.artifacts import ArtifactError
 from .metrics import cider_d, cut_at, roc_auc, strip_quotes, top1, vqa_accuracy
 
 METRICS = ("vqa", "cider", "top1", "roc_auc")

@@ -12,8 +12,8 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import FlamingoError
-from .presets import preset_path
+from ..errors import FlamingoError
+from ..formats.presets import preset_path
 
 IMAGE = "<image>"
 METHODS = ("first", "random", "rices")

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .artifacts import ArtifactError
+from ..formats.artifacts import ArtifactError
 
 TASKS = ("vqa", "captioning", "classification", "hatefulmemes")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import END_OF_CHUNK_TOKEN, IMAGE_TOKEN
+from ..model.config import END_OF_CHUNK_TOKEN, IMAGE_TOKEN
 
 IGNORE = -100  # label of positions that carry no loss (`lm_loss` ignores it)
 

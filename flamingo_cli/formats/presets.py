@@ -4,14 +4,14 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from .errors import FlamingoError
+from ..errors import FlamingoError
 
 
 def _stages_root() -> Path:
     try:
         return Path(str(resources.files("flamingo_cli.stages")))
     except (ModuleNotFoundError, TypeError):
-        return Path(__file__).resolve().parent.parent / "stages"
+        return Path(__file__).resolve().parents[2] / "stages"
 
 
 def preset_names(stage: str) -> list[str]:

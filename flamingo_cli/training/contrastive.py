@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import EncoderConfig
-from .vision_encoder import VisionEncoder
+from ..model.config import EncoderConfig
+from ..model.vision_encoder import VisionEncoder
 
 ENCODER_CONFIG_FILE = "encoder.yaml"
 ENCODER_WEIGHTS_FILE = "encoder.safetensors"
@@ -114,7 +114,7 @@ class PairImages(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int):
-        from .media import read_image
+        from ..inference.media import read_image
 
         record = self.records[i]
         return self.transform(read_image(record["image"])), record["caption"]
@@ -133,7 +133,7 @@ def train_contrastive(records: list[dict], encoder_config: EncoderConfig, tokeni
                       out_dir: str | Path, *, device: str = "cpu", workers: int = 1, progress=None) -> dict:
     """Train the dual encoder on image-caption records; write the image tower (and the text tower)
     to `out_dir`. Returns the last step's metrics."""
-    from .checkpoint import load_encoder
+    from ..formats.checkpoint import load_encoder
 
     if len(records) < config.batch_size:
         raise ValueError(f"{len(records)} image-caption pairs is fewer than one batch of {config.batch_size}")
@@ -201,7 +201,7 @@ def save_encoder(model: nn.Module, config: EncoderConfig, out_dir: str | Path, *
     import yaml
     from safetensors.torch import save_file
 
-    from .artifacts import atomic_path
+    from ..formats.artifacts import atomic_path
 
     out_dir = Path(out_dir)
     for name, tensors in {ENCODER_WEIGHTS_FILE: model.state_dict(), **(extra or {})}.items():
@@ -219,8 +219,8 @@ def read_encoder_dir(directory: str | Path) -> EncoderConfig:
     """The EncoderConfig a contrastive run wrote, its weights path made absolute."""
     import yaml
 
-    from .config import _from_dict
-    from .errors import ConfigError
+    from ..model.config import _from_dict
+    from ..errors import ConfigError
 
     directory = Path(directory)
     path = directory / ENCODER_CONFIG_FILE

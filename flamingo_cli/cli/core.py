@@ -11,9 +11,9 @@ import traceback
 
 import click
 
-from . import __version__
-from .artifacts import open_output
-from .errors import FlamingoError
+from .. import __version__
+from ..formats.artifacts import open_output
+from ..errors import FlamingoError
 
 
 def _debug() -> bool:
@@ -61,9 +61,9 @@ def _quiet_libraries(quiet: bool = False) -> None:
 
 def _load_yaml_config(name_or_file: str | None):
     """An init preset by name (stages/init/NAME.yaml) or file, as a FlamingoConfig."""
-    from .config import FlamingoConfig
-    from .errors import ConfigError
-    from .presets import preset_path
+    from ..model.config import FlamingoConfig
+    from ..errors import ConfigError
+    from ..formats.presets import preset_path
 
     if name_or_file is None:
         return FlamingoConfig()
@@ -97,8 +97,8 @@ def init(config_path, lm, lm_dtype, encoder, encoder_weights, every, placement, 
     The gates start at 0, so the new model computes exactly what the LM does until
     it is trained. The resampler's width is taken from the encoder.
     """
-    from .checkpoint import new_model, save_checkpoint
-    from .config import EncoderConfig
+    from ..formats.checkpoint import new_model, save_checkpoint
+    from ..model.config import EncoderConfig
 
     _quiet_libraries()
     config = _load_yaml_config(config_path)
@@ -109,7 +109,7 @@ def init(config_path, lm, lm_dtype, encoder, encoder_weights, every, placement, 
             setattr(section, field, value)
     if encoder is not None:
         if os.path.isdir(encoder):  # written by flamingo contrastive
-            from .contrastive import read_encoder_dir
+            from ..training.contrastive import read_encoder_dir
 
             config.encoder = read_encoder_dir(encoder)
         else:
@@ -153,8 +153,8 @@ def import_openflamingo(checkpoint, config_path, lm, lm_dtype, encoder_weights, 
     embedding rows) or a frozen LM or encoder weight equal to the one loaded; anything
     missing, unknown, mis-shaped or different is an error that names it.
     """
-    from .checkpoint import save_checkpoint
-    from .openflamingo import import_openflamingo as run_import
+    from ..formats.checkpoint import save_checkpoint
+    from ..importers.openflamingo import import_openflamingo as run_import
 
     _quiet_libraries()
     config = _load_yaml_config(config_path or "openflamingo-9b")
@@ -182,7 +182,7 @@ def _load_preset(ctx: click.Context, param, value):
         return value
     import yaml
 
-    from .presets import preset_path
+    from ..formats.presets import preset_path
 
     path = preset_path(ctx.info_name, value)
     try:
@@ -242,7 +242,7 @@ def _progress(quiet: bool, **kw):
 
 def _records(source: str) -> list[dict]:
     """All records of a file or of stdin ('-'); empty input is an error."""
-    from .artifacts import ArtifactError, read_records, read_records_file
+    from ..formats.artifacts import ArtifactError, read_records, read_records_file
 
     if source == "-":
         if sys.stdin.isatty():
@@ -263,7 +263,7 @@ def _checkpoint(ckpt: str | None, *, bundled: bool = True) -> str:
         return ckpt
     if not bundled:
         raise click.UsageError("no checkpoint: pass --ckpt DIR or set FLAMINGO_CKPT")
-    from .checkpoint import BUNDLED_CHECKPOINT
+    from ..formats.checkpoint import BUNDLED_CHECKPOINT
 
     click.echo(f"flamingo: no --ckpt or FLAMINGO_CKPT, using the bundled toy model ({BUNDLED_CHECKPOINT}); "
                "it knows only the shapes world of examples/toy", err=True)
@@ -277,8 +277,8 @@ def _dtype(name: str):
 
 
 def _load_model(ckpt: str, device: str):
-    from .checkpoint import load_checkpoint, load_checkpoint_encoder
-    from .media import MediaResolver
+    from ..formats.checkpoint import load_checkpoint, load_checkpoint_encoder
+    from ..inference.media import MediaResolver
 
     model = load_checkpoint(ckpt, with_encoder=False).to(device).eval()
     return model, MediaResolver(model, load_encoder=lambda: load_checkpoint_encoder(ckpt)[0], device=device)
@@ -305,8 +305,8 @@ def shot_options(f):
 
 def _prompt_records(queries: list[dict], shots_file: str, k: int, select: str, seed: int, template_name: str,
                     ensembles: int = 1):
-    from .artifacts import read_records_file
-    from .prompting import load_template, make_prompt_records
+    from ..formats.artifacts import read_records_file
+    from ..inference.prompting import load_template, make_prompt_records
 
     template = load_template(template_name)
     support = read_records_file(shots_file)
@@ -323,7 +323,7 @@ def _pooled_vectors(queries: list[dict], support: list[dict]):
     """Pooled encoder features for RICES, all from one encoder."""
     import torch
 
-    from .artifacts import POOLED, ArtifactError, load_ref, make_ref, split_ref
+    from ..formats.artifacts import POOLED, ArtifactError, load_ref, make_ref, split_ref
 
     encoders = set()
 
@@ -373,10 +373,10 @@ def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, worke
     """
     from pathlib import Path
 
-    from .artifacts import cache_dir, write_records
-    from .checkpoint import load_checkpoint_encoder
-    from .encoding import encode_records
-    from .media import find_images
+    from ..formats.artifacts import cache_dir, write_records
+    from ..formats.checkpoint import load_checkpoint_encoder
+    from ..inference.encoding import encode_records
+    from ..inference.media import find_images
 
     _single_process("encode")
     _setup(seed, quiet)
@@ -397,7 +397,7 @@ def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, worke
     options = dict(root=root, batch_size=batch_size, workers=workers, skip_bad=skip_bad, device=device,
                    dtype=_dtype(dtype), on_skip=skipped.append)
     if wds_pattern:
-        from .encoding import media_paths, write_feature_shards
+        from ..inference.encoding import media_paths, write_feature_shards
 
         if "%" not in wds_pattern:
             raise click.BadParameter("needs a %d-style shard number, e.g. out/shard-%06d.tar", param_hint="--wds")
@@ -429,9 +429,9 @@ def resample(input, ckpt, output, device, seed, quiet, out_dir):
     """
     from pathlib import Path
 
-    from .artifacts import cache_dir, write_records
-    from .encoding import resample_records
-    from .generation import batches
+    from ..formats.artifacts import cache_dir, write_records
+    from ..inference.encoding import resample_records
+    from ..inference.generation import batches
 
     _single_process("resample")
     _setup(seed, quiet)
@@ -460,7 +460,7 @@ def prompt(input, output, device, seed, quiet, shots, k, select, template, ensem
     and the query id. With --ensembles N, each query gives min(N, k!) records, the
     same shots in different orders, each with an `ensemble` number. Runs as a single process.
     """
-    from .artifacts import write_records
+    from ..formats.artifacts import write_records
 
     _single_process("prompt")
     if not shots:
@@ -487,8 +487,8 @@ def generate(input, ckpt, output, device, seed, quiet, shots, k, select, templat
     reads query records instead (e.g. from flamingo encode) and builds the prompts
     itself, exactly as flamingo prompt does. Runs as a single process.
     """
-    from .artifacts import write_records
-    from .generation import batches, generate_records
+    from ..formats.artifacts import write_records
+    from ..inference.generation import batches, generate_records
 
     _single_process("generate")
     _setup(seed, quiet)
@@ -521,9 +521,9 @@ def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, 
     prompt} and `prediction` (the best). Each prompt runs once; all its candidates
     are scored against the cached prefix in batched forwards. Runs as a single process.
     """
-    from .artifacts import ArtifactError, write_records
-    from .prompting import load_template
-    from .scoring import score_record
+    from ..formats.artifacts import ArtifactError, write_records
+    from ..inference.prompting import load_template
+    from ..inference.scoring import score_record
 
     _single_process("score")
     _setup(seed, quiet)
@@ -582,8 +582,8 @@ def data(bench, root, split, n, seed, classes, output):
     hatefulmemes  {split}.jsonl (train, dev_seen, dev_unseen, test_seen, test_unseen), img/<id>.png
     imagenet      LOC_synset_mapping.txt, LOC_val_solution.csv, ILSVRC/Data/CLS-LOC/{train,val}/...
     """
-    from .artifacts import write_records
-    from .benchmarks import imagenet_classnames, read_benchmark, sample
+    from ..formats.artifacts import write_records
+    from ..evaluation.benchmarks import imagenet_classnames, read_benchmark, sample
 
     if classes:
         if bench != "imagenet":
@@ -628,8 +628,8 @@ def evaluate(input, metric, references, cut_at, strip_quotes, vqa_evaluator, pos
     """
     import json
 
-    from .artifacts import read_records_file, write_records
-    from .evaluation import PostProcess, evaluate_records, join_references
+    from ..formats.artifacts import read_records_file, write_records
+    from ..evaluation.evaluate import PostProcess, evaluate_records, join_references
 
     records = _records(input)
     if references:
@@ -702,9 +702,9 @@ def contrastive(input, out_dir, encoder, encoder_arg, tokenizer, steps, batch_si
     """
     import yaml
 
-    from .artifacts import ArtifactError
-    from .config import EncoderConfig
-    from .contrastive import ContrastiveConfig, train_contrastive
+    from ..formats.artifacts import ArtifactError
+    from ..model.config import EncoderConfig
+    from ..training.contrastive import ContrastiveConfig, train_contrastive
 
     _single_process("contrastive")
     _quiet_libraries(quiet)
@@ -818,10 +818,10 @@ def pretrain(ckpt, run_dir, resume, data, weight, batch, steps, lr, warmup, weig
 
     import torch
 
-    from .checkpoint import load_checkpoint, load_checkpoint_encoder
-    from .data import ExampleStream, ImageEncoder, ShardStream, parse_specs
-    from .sampling import SamplingConfig
-    from .training import CHECKPOINT_DIR, Distributed, TrainConfig, Trainer, truncate_metrics
+    from ..formats.checkpoint import load_checkpoint, load_checkpoint_encoder
+    from ..training.data import ExampleStream, ImageEncoder, ShardStream, parse_specs
+    from ..training.sampling import SamplingConfig
+    from ..training.trainer import CHECKPOINT_DIR, Distributed, TrainConfig, Trainer, truncate_metrics
 
     _quiet_libraries(quiet)
     dist = Distributed.from_env()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import FEATURES, POOLED, VISUAL, ArtifactError, digest_file, load_ref, make_ref, save_tensors, \
+from ..formats.artifacts import FEATURES, POOLED, VISUAL, ArtifactError, digest_file, load_ref, make_ref, save_tensors, \
     split_ref, tensor_path
 
 
@@ -101,7 +101,7 @@ def write_feature_shards(encoder, identity: str, records: list[dict], pattern: s
 
     import webdataset as wds
 
-    from .artifacts import feature_sample
+    from ..formats.artifacts import feature_sample
 
     flat = [{"image": path, "owner": i} for i, record in enumerate(records) for path in media_paths(record)]
     refs: dict[int, list[str]] = {i: [] for i in range(len(records))}

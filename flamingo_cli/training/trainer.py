@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .data import DatasetSpec, ExampleStream, batch_features, to_tensors
-from .errors import FlamingoError
+from ..errors import FlamingoError
 from .sampling import SamplingConfig
 
 STATE_FILE = "trainer_state.pt"
@@ -160,7 +160,7 @@ class Trainer:
         random.setstate(state["python_rng"])
 
     def save(self) -> None:
-        from .checkpoint import save_checkpoint
+        from ..formats.checkpoint import save_checkpoint
 
         # Under FSDP, gathering the full weights and optimizer state takes every rank.
         weights = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
@@ -291,7 +291,7 @@ def shard(model, device_type: str, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from .lm import decoder_layers
+    from ..model.lm import decoder_layers
 
     mesh = init_device_mesh(device_type, (world,))
     for module in [*decoder_layers(model.lm), *model.xattn.values(), model.resampler]:
@@ -301,7 +301,7 @@ def shard(model, device_type: str, world: int) -> None:
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """On resume, drop metrics logged after the checkpoint's step: they will be redone."""
-    from .artifacts import open_output
+    from ..formats.artifacts import open_output
 
     path = run_dir / METRICS_FILE
     if not path.exists():

@@ -1,0 +1,4 @@
+"""The `flamingo` command."""
+from .core import cli, main
+
+__all__ = ["cli", "main"]

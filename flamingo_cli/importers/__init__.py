@@ -1,0 +1,1 @@
+"""Importers of other toolkits' checkpoints: each maps a foreign layout onto our model, strictly."""
