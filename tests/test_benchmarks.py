@@ -388,6 +388,6 @@ def test_sample():
 
 
 def test_the_data_command_offers_every_benchmark():
-    from flamingo_cli.cli.core import BENCHMARK_NAMES
+    from flamingo_cli.cli.data import BENCHMARK_NAMES
 
     assert sorted(BENCHMARK_NAMES) == sorted(BENCHMARKS)

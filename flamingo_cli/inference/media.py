@@ -134,3 +134,12 @@ class MediaResolver:
         if len(self.memo) > self.memo_size:
             self.memo.popitem(last=False)
         return tokens
+
+
+def load_for_inference(directory: str | Path, device: str = "cpu"):
+    """A checkpoint as the stages use it: (model in eval mode, MediaResolver). The encoder is
+    loaded only when a media entry is an image path rather than features or visual tokens."""
+    from ..formats.checkpoint import load_checkpoint, load_checkpoint_encoder
+
+    model = load_checkpoint(directory, with_encoder=False).to(device).eval()
+    return model, MediaResolver(model, load_encoder=lambda: load_checkpoint_encoder(directory)[0], device=device)

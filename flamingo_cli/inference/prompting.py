@@ -304,3 +304,39 @@ def ensemble_orders(n: int, ensembles: int, seed: int, query_id: Any) -> list[li
         if order not in orders:
             orders.append(order)
     return orders
+
+
+def prompt_records(template: Template, queries: list[dict[str, Any]], support: list[dict[str, Any]], *, k: int,
+                   method: str, seed: int, ensembles: int = 1) -> list[dict[str, Any]]:
+    """Prompt records for every query (what `flamingo prompt` writes). For `rices`, the
+    similarity vectors are the pooled features that `flamingo encode` stored with each record."""
+    vectors = rices_vectors(queries, support) if method == "rices" else None
+    out = []
+    for i, query in enumerate(queries):
+        kw = {} if vectors is None else {"query_vector": vectors[0][i], "support_vectors": vectors[1]}
+        out.extend(make_prompt_records(template, query, support, k=k, method=method, seed=seed,
+                                       ensembles=ensembles, **kw))
+    return out
+
+
+def rices_vectors(queries: list[dict[str, Any]], support: list[dict[str, Any]]):
+    """(queries x d, support x d): the pooled encoder features of each record's `features`
+    reference, all from one encoder."""
+    import torch
+
+    from ..formats.artifacts import POOLED, ArtifactError, load_ref, make_ref, split_ref
+
+    encoders = set()
+
+    def pooled(record):
+        ref = record.get("features")
+        if not isinstance(ref, str):
+            raise ArtifactError(f"{record.get('id', '<record>')}: --select rices needs a 'features' reference "
+                                "(run flamingo encode)")
+        vector, meta = load_ref(make_ref(split_ref(ref)[0], POOLED))
+        encoders.add(meta.get("encoder"))
+        if len(encoders) > 1:
+            raise ArtifactError(f"{ref}: features come from different encoders ({', '.join(map(str, encoders))})")
+        return vector.float()
+
+    return torch.stack([pooled(r) for r in queries]), torch.stack([pooled(r) for r in support])

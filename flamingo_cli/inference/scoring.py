@@ -7,6 +7,7 @@ continuation of that cached prefix, a chunk of candidates per batched forward.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,28 @@ def score_record(model, record: dict, media, candidates: list[str], *, continuat
                                   batch_size=batch_size, continuation=continuation)
     scores = dict(zip(candidates, values))
     return {**record, "scores": scores, "prediction": rank(scores)}
+
+
+def score_records(model, records: Iterable[dict], media, *, candidates: list[str] | None = None,
+                  **options) -> Iterator[dict]:
+    """The `score` stage: each prompt record scored against `candidates` if given, else its own
+    `candidates` field, else its template's; a template's continuation replaces the default.
+    options: those of score_record (normalize, batch_size, device, dtype)."""
+    from ..formats.artifacts import ArtifactError
+    from .prompting import load_template
+
+    templates = {}
+    for record in records:
+        name = record.get("template")
+        if name and name not in templates:
+            templates[name] = load_template(name)
+        template = templates.get(name)
+        choices = candidates or record.get("candidates") or (template.candidates if template else None)
+        if not choices:
+            raise ArtifactError(f"{record.get('id', '<record>')}: no candidates (use --candidates FILE "
+                                "or a 'candidates' field)")
+        extra = {"continuation": template.continuation} if template else {}
+        yield score_record(model, record, media, list(choices), **{**options, **extra})
 
 
 def rank(scores: dict[str, float]) -> str:

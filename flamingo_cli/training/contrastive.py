@@ -129,6 +129,37 @@ def _batches(dataset: PairImages, batch_size: int, seed: int, workers: int):
         yield from loader
 
 
+def image_tower_config(name: str, kwargs: dict | None = None) -> EncoderConfig:
+    """The config of a timm image tower to train here. The loss sees timm's pooled (normalised)
+    tokens, so Flamingo should get the tokens after the final norm."""
+    return EncoderConfig(name=name, kwargs=kwargs or {}, final_norm=True)
+
+
+def check_pair_records(records: list[dict]) -> None:
+    """Every record needs an `image` path and a `caption`."""
+    from ..formats.artifacts import ArtifactError
+
+    for r in records:
+        if not isinstance(r.get("image"), str) or not isinstance(r.get("caption"), str):
+            raise ArtifactError(f"{r.get('id', '<record>')}: contrastive needs 'image' (a path) and 'caption' fields")
+
+
+def load_caption_tokenizer(directory: str):
+    """A tokenizer directory (save_pretrained) for the captions; one without a pad token pads
+    with its EOS (or UNK) token."""
+    from transformers import AutoTokenizer
+
+    from ..formats.artifacts import ArtifactError
+
+    try:
+        tok = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{directory}: cannot load a tokenizer ({str(e).splitlines()[0][:160]})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
 def train_contrastive(records: list[dict], encoder_config: EncoderConfig, tokenizer, config: ContrastiveConfig,
                       out_dir: str | Path, *, device: str = "cpu", workers: int = 1, progress=None) -> dict:
     """Train the dual encoder on image-caption records; write the image tower (and the text tower)

@@ -1,0 +1,48 @@
+"""`flamingo data`: a benchmark's own annotation files into query/support records."""
+from __future__ import annotations
+
+import click
+
+
+BENCHMARK_NAMES = ["vqav2", "okvqa", "vizwiz", "textvqa", "coco", "flickr30k", "hatefulmemes", "imagenet"]
+
+
+@click.command(short_help="Turn a benchmark's own annotation files into query/support records.")
+@click.argument("bench", type=click.Choice(BENCHMARK_NAMES))
+@click.argument("root", type=click.Path(file_okay=False))
+@click.option("--split", help="The benchmark's split (train, val, test, dev_seen, ...); required unless --classes.")
+@click.option("--sample", "n", type=click.IntRange(min=0), help="Keep a seeded random N of the split (file order kept).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --sample.")
+@click.option("--classes", is_flag=True, help="imagenet: write the class names (one per line, synset order) instead.")
+@click.option("-o", "--output", default="-", show_default=True, help="Write records here (atomically); - is stdout.")
+def data(bench, root, split, n, seed, classes, output):
+    """Read benchmark BENCH from ROOT, its download in the benchmark's native layout, and write
+    one record per example: `id`, `image`, `split` and the references its metric needs
+    (VQA: question, answers, answer; captioning: caption, captions; HatefulMemes: text,
+    label; ImageNet: label, synset). The layouts:
+
+    \b
+    vqav2         v2_OpenEnded_mscoco_{split}2014_questions.json, v2_mscoco_{split}2014_annotations.json,
+                  {split}2014/COCO_{split}2014_<id>.jpg
+    okvqa         OpenEnded_mscoco_{split}2014_questions.json, mscoco_{split}2014_annotations.json, COCO images
+    vizwiz        Annotations/{split}.json, {split}/<image>
+    textvqa       TextVQA_0.5.1_{split}.json, train_images/<image_id>.jpg
+    coco          dataset_coco.json (Karpathy; train includes restval), <filepath>/<filename>
+    flickr30k     dataset_flickr30k.json (Karpathy), flickr30k-images/<filename>
+    hatefulmemes  {split}.jsonl (train, dev_seen, dev_unseen, test_seen, test_unseen), img/<id>.png
+    imagenet      LOC_synset_mapping.txt, LOC_val_solution.csv, ILSVRC/Data/CLS-LOC/{train,val}/...
+    """
+    from ..formats.artifacts import open_output, write_records
+    from ..evaluation.benchmarks import imagenet_classnames, read_benchmark, sample
+
+    if classes:
+        if bench != "imagenet":
+            raise click.UsageError("--classes is for imagenet")
+        with open_output(output) as out:
+            out.write("".join(name + "\n" for name in imagenet_classnames(root)))
+        return
+    if not split:
+        raise click.UsageError("--split is required")
+    records = sample(read_benchmark(bench, root, split), n, seed)
+    with open_output(output) as out:
+        write_records(out, records)

@@ -1,0 +1,51 @@
+"""`flamingo import openflamingo`: an OpenFlamingo checkpoint into a checkpoint directory."""
+from __future__ import annotations
+
+import click
+
+from .core import init_config, quiet_libraries
+
+
+@click.command(name="openflamingo", short_help="Import an OpenFlamingo checkpoint, strictly.")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("-c", "--config", "config_path",
+              help="A preset (openflamingo-3b, openflamingo-4b, openflamingo-9b) or YAML file. It names the LM and "
+              "encoder, and the import fails if the checkpoint contradicts it. Default: the architecture is read "
+              "from the checkpoint, and --lm is required.")
+@click.option("--lm", help="The LM the checkpoint was trained with: a local directory (or a hub id when online).")
+@click.option("--lm-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="dtype the frozen LM is held in.")
+@click.option("--encoder-weights", type=click.Path(dir_okay=False),
+              help="CLIP ViT-L/14 weights, in timm's or open_clip's layout (e.g. open_clip_pytorch_model.bin). "
+              "Default: timm's pretrained vit_large_patch14_clip_224.openai, downloaded.")
+@click.option("--take-lm-rows", is_flag=True,
+              help="Where the file's embedding rows of the LM's own tokens differ from the LM's (a run that trained "
+              "them all), use the file's, as OpenFlamingo does; they are stored in the checkpoint. Default: an error.")
+@click.option("--embed", is_flag=True, help="Copy the LM and encoder weights into the checkpoint.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory to write.")
+def import_openflamingo(checkpoint, config_path, lm, lm_dtype, encoder_weights, take_lm_rows, embed, out):
+    """Import CHECKPOINT, a file written by OpenFlamingo's training (checkpoint_*.pt) or a
+    released OpenFlamingo checkpoint.pt, into a checkpoint directory that every stage reads.
+
+    The file is loaded with torch.load(weights_only=True): tensors only, never code. Every
+    tensor in it must be either imported (perceiver, gated cross-attention, the new tokens'
+    embedding rows) or a frozen LM or encoder weight equal to the one loaded; anything
+    missing, unknown, mis-shaped or different is an error that names it.
+    """
+    from ..formats.checkpoint import save_checkpoint
+    from ..importers.openflamingo import import_openflamingo as run_import
+
+    quiet_libraries()
+    config = init_config(config_path or "openflamingo-9b")
+    if lm is not None:
+        config.lm.path = lm
+    elif config_path is None:
+        raise click.UsageError("give --lm (the checkpoint's LM), or a preset with -c")
+    if lm_dtype is not None:
+        config.lm.dtype = lm_dtype
+    if encoder_weights is not None:
+        config.encoder.weights, config.encoder.pretrained = encoder_weights, False
+    model, report = run_import(checkpoint, config, check_preset=config_path is not None, take_lm_rows=take_lm_rows)
+    save_checkpoint(model, out, embed_lm=embed, embed_encoder=embed)
+    for line in report.lines():
+        click.echo(f"{checkpoint}: {line}", err=True)
+    click.echo(f"wrote {out}", err=True)

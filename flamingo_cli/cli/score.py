@@ -1,0 +1,46 @@
+"""`flamingo score`: candidate answers ranked by likelihood."""
+from __future__ import annotations
+
+import click
+
+from .core import autocast_dtype, checkpoint_dir, dtype_option, input_records, progress, setup, single_process, stage_options
+
+
+@click.command(short_help="Rank candidate answers by likelihood.")
+@click.argument("input", default="-", type=click.Path(allow_dash=True))
+@stage_options()
+@click.option("--candidates", "candidates_file", type=click.Path(dir_okay=False),
+              help="File with one candidate per line (else each record's `candidates`, else the template's).")
+@click.option("--normalize", type=click.Choice(["sum", "mean"]), default="sum", show_default=True,
+              help="Total log-likelihood, or per token.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Candidates per batched forward.")
+@dtype_option
+def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, batch_size, dtype):
+    """Score close-ended candidates for prompt records.
+
+    Adds `scores` {candidate: log-likelihood of " candidate<|endofchunk|>" after the
+    prompt} and `prediction` (the best). Each prompt runs once; all its candidates
+    are scored against the cached prefix in batched forwards. Runs as a single process.
+    """
+    from ..formats.artifacts import ArtifactError, open_output, write_records
+    from ..inference.media import load_for_inference
+    from ..inference.scoring import score_records
+
+    single_process("score")
+    setup(seed, quiet)
+    fixed = None
+    if candidates_file:
+        try:
+            fixed = [line.strip() for line in open(candidates_file, encoding="utf-8") if line.strip()]
+        except OSError as e:
+            raise ArtifactError(f"{candidates_file}: {e.strerror}") from None
+        if not fixed:
+            raise ArtifactError(f"{candidates_file}: no candidates")
+    records = input_records(input)
+    model, media = load_for_inference(checkpoint_dir(ckpt), device)
+    with progress(quiet, total=len(records), unit="rec", desc="score") as bar, open_output(output) as out:
+        for record in score_records(model, records, media, candidates=fixed, normalize=normalize,
+                                    batch_size=batch_size, device=device, dtype=autocast_dtype(dtype)):
+            write_records(out, [record])
+            bar.update(1)
