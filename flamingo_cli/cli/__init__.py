@@ -2,8 +2,7 @@
 then calling library functions a Python user can call directly. `core` holds the group, its
 error handling and the options the commands share. Nothing heavy is imported here, so
 `flamingo --help` is instant."""
-from . import (contrastive, data, encode, evaluate, generate, importing, init, pretrain, prompt, resample,
-               score)
+from . import contrastive, data, encode, evaluate, generate, importing, init, pretrain, prompt, resample, score
 from .core import cli, main
 
 # In this order in `flamingo --help` and flamingo(1).

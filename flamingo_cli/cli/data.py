@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import click
 
-
 BENCHMARK_NAMES = ["vqav2", "okvqa", "vizwiz", "textvqa", "coco", "flickr30k", "hatefulmemes", "imagenet"]
 
 
@@ -32,8 +31,8 @@ def data(bench, root, split, n, seed, classes, output):
     hatefulmemes  {split}.jsonl (train, dev_seen, dev_unseen, test_seen, test_unseen), img/<id>.png
     imagenet      LOC_synset_mapping.txt, LOC_val_solution.csv, ILSVRC/Data/CLS-LOC/{train,val}/...
     """
-    from ..formats.artifacts import open_output, write_records
     from ..evaluation.benchmarks import imagenet_classnames, read_benchmark, sample
+    from ..formats.artifacts import open_output, write_records
 
     if classes:
         if bench != "imagenet":

@@ -35,8 +35,8 @@ def evaluate(input, metric, references, cut_at, strip_quotes, vqa_evaluator, pos
     """
     import json
 
-    from ..formats.artifacts import open_output, read_records_file, write_records
     from ..evaluation.evaluate import PostProcess, evaluate_records, join_references
+    from ..formats.artifacts import open_output, read_records_file, write_records
 
     records = input_records(input)
     if references:

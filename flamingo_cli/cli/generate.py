@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .core import (autocast_dtype, checkpoint_dir, dtype_option, input_records, progress, setup, shot_options, shot_prompts,
-                   single_process, stage_options)
+from .core import (autocast_dtype, checkpoint_dir, dtype_option, input_records, progress, setup, shot_options,
+                   shot_prompts, single_process, stage_options)
 
 
 @click.command(short_help="Generate answers for prompt records.")

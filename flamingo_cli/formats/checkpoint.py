@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import default_umask, digest_file
-from ..model.config import EncoderConfig, FlamingoConfig, LMConfig
 from ..errors import CheckpointError, ConfigError
+from ..model.config import EncoderConfig, FlamingoConfig, LMConfig
 from ..model.flamingo import Flamingo
 from ..model.vision_encoder import VisionEncoder
+from .artifacts import default_umask, digest_file
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"

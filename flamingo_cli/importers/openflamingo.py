@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import CheckpointError
 from ..formats.checkpoint import listing, load_encoder, load_lm, read_state_file, timm_layout
 from ..model.config import FlamingoConfig
-from ..errors import CheckpointError
-from ..model.lm import decoder_layers, xattn_layer_indices
 from ..model.flamingo import Flamingo
+from ..model.lm import decoder_layers, xattn_layer_indices
 
 XATTN_KEY = re.compile(
     r"^lang_encoder\.(?:(?P<path>.+)\.(?P<layer>\d+)\.gated_cross_attn_layer"

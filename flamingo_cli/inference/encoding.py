@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ..formats.artifacts import FEATURES, POOLED, VISUAL, ArtifactError, digest_file, load_ref, make_ref, save_tensors, \
-    split_ref, tensor_path
+from ..formats.artifacts import FEATURES, POOLED, VISUAL, ArtifactError, digest_file, load_ref, make_ref, \
+    save_tensors, split_ref, tensor_path
 
 
 def _media_path(record: dict) -> str:

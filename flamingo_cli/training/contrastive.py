@@ -250,8 +250,8 @@ def read_encoder_dir(directory: str | Path) -> EncoderConfig:
     """The EncoderConfig a contrastive run wrote, its weights path made absolute."""
     import yaml
 
-    from ..model.config import _from_dict
     from ..errors import ConfigError
+    from ..model.config import _from_dict
 
     directory = Path(directory)
     path = directory / ENCODER_CONFIG_FILE

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats.artifacts import ArtifactError, read_sample
 from ..errors import FlamingoError
+from ..formats.artifacts import ArtifactError, read_sample
 from .sampling import SamplingConfig, collate, interleaved_example, pair_example
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .data import DatasetSpec, ExampleStream, batch_features, to_tensors
 from ..errors import FlamingoError
+from .data import DatasetSpec, ExampleStream, batch_features, to_tensors
 from .sampling import SamplingConfig
 
 STATE_FILE = "trainer_state.pt"

@@ -1,0 +1,100 @@
+"""Readers for standard benchmarks' native annotation files.
+
+Each reader turns a benchmark's files, exactly as they are distributed, into a list of
+JSON-able record dicts for one split. Images are never opened or checked: a record's
+`image` is `str(Path(root) / <relative path>)`.
+
+Every record has
+  id      a string unique in the benchmark and split, prefixed by the benchmark name
+  image   the image path
+  split   the split asked for
+and, by task,
+  vqa             question, answers (all human answers, in file order), answer (the one
+                  shown when the record is a demonstration), question_id (native id)
+  captioning      caption (first reference, stripped), captions (all, stripped),
+                  image_id (native id)
+  hatefulmemes    text, and where the split is labelled: label ("yes"/"no"), label_id (1/0)
+  classification  label (class name), synset
+
+Native layouts under `root` (see each reader's docstring for details):
+  vqav2        v2_OpenEnded_mscoco_{split}2014_questions.json, v2_mscoco_{split}2014_annotations.json
+  okvqa        OpenEnded_mscoco_{split}2014_questions.json, mscoco_{split}2014_annotations.json
+  vizwiz       Annotations/{split}.json
+  textvqa      TextVQA_0.5.1_{split}.json
+  coco         dataset_coco.json (Karpathy split)
+  flickr30k    dataset_flickr30k.json (Karpathy split)
+  hatefulmemes {split}.jsonl
+  imagenet     LOC_synset_mapping.txt, LOC_val_solution.csv, ILSVRC/Data/CLS-LOC/{train,val}/
+
+Anything wrong with the files (missing, malformed, a required field absent) and any
+unknown benchmark or split raises ArtifactError with a one-line message.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ...formats.artifacts import ArtifactError
+from .captioning import read_coco, read_flickr30k
+from .classification import imagenet_classnames, read_hatefulmemes, read_imagenet
+from .vqa import read_okvqa, read_textvqa, read_vizwiz, read_vqav2
+
+__all__ = ["BENCHMARKS", "TASKS", "Benchmark", "imagenet_classnames", "read_benchmark", "sample"]
+
+TASKS = ("vqa", "captioning", "classification", "hatefulmemes")
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    task: str
+    splits: tuple[str, ...]
+    reader: Callable[[Path, str], list[dict[str, Any]]]  # (root, split) -> records
+    description: str
+
+
+# -- registry ---------------------------------------------------------------------------
+
+BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
+    Benchmark("vqav2", "vqa", ("train", "val"), read_vqav2,
+              "VQAv2 open-ended questions on COCO 2014 images"),
+    Benchmark("okvqa", "vqa", ("train", "val"), read_okvqa,
+              "OK-VQA outside-knowledge questions on COCO 2014 images"),
+    Benchmark("vizwiz", "vqa", ("train", "val"), read_vizwiz,
+              "VizWiz-VQA questions from blind photographers"),
+    Benchmark("textvqa", "vqa", ("train", "val"), read_textvqa,
+              "TextVQA 0.5.1 questions that need reading text in images"),
+    Benchmark("coco", "captioning", ("train", "val", "test"), read_coco,
+              "COCO captions, Karpathy split (train includes restval)"),
+    Benchmark("flickr30k", "captioning", ("train", "val", "test"), read_flickr30k,
+              "Flickr30k captions, Karpathy split"),
+    Benchmark("hatefulmemes", "hatefulmemes",
+              ("train", "dev_seen", "dev_unseen", "test_seen", "test_unseen"), read_hatefulmemes,
+              "Hateful Memes binary classification of meme image and text"),
+    Benchmark("imagenet", "classification", ("train", "val"), read_imagenet,
+              "ImageNet-1k (ILSVRC 2012) in Kaggle's layout"),
+)}
+
+
+def read_benchmark(name: str, root: str | Path, split: str) -> list[dict]:
+    """The records of benchmark `name`'s `split`, read from its native files under `root`."""
+    bench = BENCHMARKS.get(name)
+    if bench is None:
+        raise ArtifactError(f"unknown benchmark {name!r} (known: {', '.join(BENCHMARKS)})")
+    if split not in bench.splits:
+        raise ArtifactError(f"benchmark {name} has no split {split!r} (splits: {', '.join(bench.splits)})")
+    return bench.reader(Path(root), split)
+
+
+def sample(records: list[dict], n: int | None, seed: int) -> list[dict]:
+    """A seeded random subset of `n` records, in their input order; all of them when n is
+    None or at least len(records)."""
+    if n is not None and n < 0:
+        raise ArtifactError(f"sample size must be non-negative, got {n}")
+    if n is None or n >= len(records):
+        return list(records)
+    keep = sorted(random.Random(seed).sample(range(len(records)), n))
+    return [records[i] for i in keep]
