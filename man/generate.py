@@ -1,7 +1,7 @@
 """Regenerate man/flamingo.1 and man/flamingo-<cmd>.1 from the click --help texts.
 
 Run with `make man`. The date and version are fixed inputs, so the output is
-reproducible and tests/test_cli.py can check the committed pages are current.
+reproducible and tests/cli/test_cli.py can check the committed pages are current.
 """
 import sys
 from pathlib import Path

@@ -1,7 +1,7 @@
 """Media in, tensors out: decoding images, and resolving a prompt's media entries to visual tokens.
 
 A media entry is a visual-token reference, a feature reference or an image path
-(see artifacts.py). Resolved visual tokens are memoised per entry, so a support
+(see formats/artifacts.py). Resolved visual tokens are memoised per entry, so a support
 image shared by many prompts is loaded and resampled once.
 """
 from __future__ import annotations

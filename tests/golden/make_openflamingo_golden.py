@@ -1,4 +1,4 @@
-"""Golden outputs from the real OpenFlamingo, for tests/test_openflamingo.py.
+"""Golden outputs from the real OpenFlamingo, for tests/importers/test_openflamingo.py.
 
 Runs in its own virtual environment with OpenFlamingo's pinned stack, offline, on the CPU:
 

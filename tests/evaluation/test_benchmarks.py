@@ -14,7 +14,7 @@ from flamingo_cli.evaluation.benchmarks import (
     sample,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "benchmarks"
 
 
 def root(name: str) -> Path:

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EVAL = ROOT / "examples" / "eval"
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(EVAL))

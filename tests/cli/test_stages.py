@@ -24,7 +24,7 @@ def world(tmp_path_factory, lm_dir):
     from flamingo_cli.model.config import FlamingoConfig
 
     root = tmp_path_factory.mktemp("world")
-    config = FlamingoConfig.from_yaml((Path(__file__).parent.parent / "stages/init/tiny.yaml").read_text())
+    config = FlamingoConfig.from_yaml((Path(__file__).resolve().parents[2] / "stages/init/tiny.yaml").read_text())
     config.lm.path = str(lm_dir("llama"))
     model = new_model(config, seed=0)
     with torch.no_grad():

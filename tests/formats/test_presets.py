@@ -11,7 +11,7 @@ import yaml
 
 from flamingo_cli.model.config import FlamingoConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STAGES = ROOT / "stages"
 SBATCH = ROOT / "examples" / "pretrain" / "slurm.sbatch"
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from flamingo_cli.model.config import FlamingoConfig
 
-GOLDEN = Path(__file__).parent / "golden" / "openflamingo"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "openflamingo"
 FAMILIES = ["mpt", "opt", "llama", "gpt_neox"]
 TOL = 1e-4
 FLAMINGO = [sys.executable, "-c", "from flamingo_cli.cli import main; main()"]

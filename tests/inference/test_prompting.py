@@ -20,7 +20,7 @@ from flamingo_cli.inference.prompting import (
 )
 
 EOC = "<|endofchunk|>"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def support_set(n=10):

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TOY = ROOT / "examples" / "toy"
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(TOY))

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 

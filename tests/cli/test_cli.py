@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from flamingo_cli import __version__
 from flamingo_cli.cli import cli
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FLAMINGO = [sys.executable, "-c", "from flamingo_cli.cli import main; main()"]
 
 

@@ -23,7 +23,7 @@ from flamingo_cli.evaluation.metrics import (
     vqa_accuracy,
 )
 
-GOLDEN = json.loads((Path(__file__).parent / "golden" / "metrics.json").read_text())
+GOLDEN = json.loads((Path(__file__).resolve().parents[1] / "golden" / "metrics.json").read_text())
 VQA_CASES = {c["name"]: c for c in GOLDEN["vqa"]["cases"]}
 # Where the official evaluator and OpenFlamingo's copy disagree: the official one leaves human
 # answers as they are (only punctuation, and only when they are not unanimous). Hand-computed:
