@@ -191,7 +191,7 @@ def input_records(source: str) -> list[dict]:
     if source == "-":
         if sys.stdin.isatty():
             raise click.UsageError("no input: pipe JSON Lines records in, or name a file (- means stdin)")
-        records = list(read_records(sys.stdin, "<stdin>"))
+        records = list(read_records(sys.stdin.buffer, "<stdin>"))
         name = "<stdin>"
     else:
         records = read_records_file(source)

@@ -18,11 +18,14 @@ from .core import (autocast_dtype, checkpoint_dir, dtype_option, input_records, 
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images (counted on stderr) instead of failing.")
 @click.option("--wds", "wds_pattern", help="Also write webdataset feature shards for pretrain, e.g. "
               "OUT/shard-%06d.tar (records with `image`, or `segments` and `images`).")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=89_478_485, show_default=True,
+              help="Refuse images whose header claims more pixels than this, before decoding them "
+              "(decompression bombs).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Samples per shard with --wds.")
 @dtype_option
 def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, workers, skip_bad, wds_pattern,
-           shard_size, dtype):
+           max_pixels, shard_size, dtype):
     """Encode images with the checkpoint's frozen vision encoder.
 
     INPUTS are image files, directories (searched recursively, in sorted order) or -
@@ -59,7 +62,7 @@ def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, worke
     skipped = []
     root = Path(out_dir) if out_dir else cache_dir()
     options = dict(root=root, batch_size=batch_size, workers=workers, skip_bad=skip_bad, device=device,
-                   dtype=autocast_dtype(dtype), on_skip=skipped.append)
+                   dtype=autocast_dtype(dtype), on_skip=skipped.append, max_pixels=max_pixels)
     if wds_pattern:
         from ..inference.encoding import media_paths, write_feature_shards
 

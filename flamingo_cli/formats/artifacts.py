@@ -34,10 +34,18 @@ class ArtifactError(FlamingoError):
 
 # -- records ----------------------------------------------------------------------------
 
-def read_records(stream: IO[str], source: str) -> Iterator[dict[str, Any]]:
-    """Records from a JSON Lines stream. Blank lines are skipped; a malformed line is an
-    error naming `source` and the line number."""
+def read_records(stream: IO[bytes] | IO[str], source: str) -> Iterator[dict[str, Any]]:
+    """Records from a JSON Lines stream, binary (decoded here, line by line) or text. Blank
+    lines are skipped; a malformed line, or one that is not UTF-8, is an error naming
+    `source` and the line number."""
     for lineno, line in enumerate(stream, start=1):
+        try:
+            if isinstance(line, bytes):
+                line = line.decode("utf-8")
+            else:
+                line.encode("utf-8")  # a text stream decoded with surrogateescape lets bad bytes through
+        except UnicodeError:
+            raise ArtifactError(f"{source}: line {lineno}: not UTF-8 text") from None
         if not line.strip():
             continue
         try:
@@ -51,12 +59,10 @@ def read_records(stream: IO[str], source: str) -> Iterator[dict[str, Any]]:
 
 def read_records_file(path: str | Path) -> list[dict[str, Any]]:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             return list(read_records(f, str(path)))
     except OSError as e:
         raise ArtifactError(f"{path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise ArtifactError(f"{path}: not UTF-8 text") from None
 
 
 def format_record(record: dict[str, Any]) -> str:

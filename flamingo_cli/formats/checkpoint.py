@@ -38,6 +38,8 @@ LM_OVERRIDES_FILE = "lm_overrides.safetensors"
 # The default model: trained by examples/toy on its shapes world, shipped as package data.
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[1] / "default_model"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What the hub accepts as a model id (namespace/name or name); anything else must be a local directory.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def _resolve(path: str, base: Path | None) -> str:
@@ -152,12 +154,27 @@ def load_lm(config: LMConfig, base: Path | None = None):
     if not config.path:
         raise ConfigError("lm.path is empty: give a local LM directory or a hub id")
     path = _resolve(config.path, base)
+    local = Path(path).is_dir()
+    if not local and (Path(path).exists() or not HUB_ID.fullmatch(path)):
+        raise CheckpointError(f"LM {path}: {'not a directory' if Path(path).exists() else 'no such directory'}")
+    where = "" if local else "no such directory, and as a hub id: "
+    # transformers raises whatever its parts raise (OSError, ValueError, huggingface_hub's
+    # validation errors for a malformed config.json, ...): all of it is a bad LM directory.
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision)
+    except Exception as e:
+        raise CheckpointError(f"LM {path}: {where}cannot load its tokenizer ({_first_line(e)})") from None
+    try:
         lm = AutoModelForCausalLM.from_pretrained(path, revision=config.revision, dtype=DTYPES[config.dtype])
-    except (OSError, ValueError) as e:  # missing files; a model type this transformers has no class for
-        raise CheckpointError(f"LM {path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:
+        raise CheckpointError(f"LM {path}: {where}cannot load the model ({_first_line(e)})") from None
     return lm, tokenizer
+
+
+def _first_line(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines[0] if lines else type(e).__name__)
+    return text[:200]
 
 
 def build_model(config: FlamingoConfig, base: Path | None = None, *, with_encoder: bool = True) -> Flamingo:

@@ -12,6 +12,7 @@ import torch
 
 from ..formats.artifacts import FEATURES, POOLED, VISUAL, ArtifactError, digest_file, load_ref, make_ref, \
     save_tensors, split_ref, tensor_path
+from .media import MAX_PIXELS, ImageFiles
 
 
 def _media_path(record: dict) -> str:
@@ -25,14 +26,15 @@ def _media_path(record: dict) -> str:
 
 def encode_records(encoder, identity: str, records: list[dict], *, root: Path, batch_size: int = 16,
                    workers: int = 1, skip_bad: bool = False, device: str = "cpu", dtype: torch.dtype | None = None,
-                   on_skip: Callable[[str], None] | None = None) -> Iterator[list[dict]]:
+                   on_skip: Callable[[str], None] | None = None,
+                   max_pixels: int | None = MAX_PIXELS) -> Iterator[list[dict]]:
     """Encode each record's `image`; yield the records of each batch, in input order, with
-    `features` (a reference to (frames, tokens, d) features) and `encoder` added."""
-    from .media import ImageFiles
-
+    `features` (a reference to (frames, tokens, d) features) and `encoder` added. An image over
+    `max_pixels` is refused unread (an error, or skipped with skip_bad)."""
     paths = [_media_path(r) for r in records]
     target = lambda digest: tensor_path(root, digest, identity)  # noqa: E731
-    dataset = ImageFiles(paths, encoder.transform(), lambda digest: target(digest).exists())
+    dataset = ImageFiles(paths, encoder.transform(), lambda digest: target(digest).exists(),
+                         max_pixels=max_pixels)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
     for batch in loader:
         fresh = [item for item in batch if item.get("pixels") is not None]

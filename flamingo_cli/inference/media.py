@@ -6,7 +6,9 @@ image shared by many prompts is loaded and resampled once.
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -17,8 +19,15 @@ from ..formats.artifacts import VISUAL, ArtifactError, digest_bytes, is_ref, loa
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-def read_image(path: str | Path, data: bytes | None = None):
-    """An RGB PIL image; any failure is one ArtifactError naming the file."""
+# PIL's own warning threshold (about 9459 x 9459): far beyond any encoder's input, far below
+# what a forged header can claim. encode --max-pixels changes it.
+MAX_PIXELS = 89_478_485
+
+
+def read_image(path: str | Path, data: bytes | None = None, *, max_pixels: int | None = MAX_PIXELS):
+    """An RGB PIL image; any failure is one ArtifactError naming the file. An image whose header
+    claims more than `max_pixels` pixels (None: no limit) is refused before it is decoded, so a
+    decompression bomb cannot take the machine's memory."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -28,10 +37,29 @@ def read_image(path: str | Path, data: bytes | None = None):
     except OSError as e:
         raise ArtifactError(f"{path}: {e.strerror}") from None
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with _without_pil_limit(), Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ArtifactError(f"{path}: the image claims {width}x{height} = {width * height:,} pixels, over the "
+                                    f"limit of {max_pixels:,} (encode --max-pixels)")
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ArtifactError(f"{path}: cannot decode image ({str(e).splitlines()[0][:120] or type(e).__name__})") from None
+    except UnidentifiedImageError:
+        raise ArtifactError(f"{path}: not an image") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "it", str(e).splitlines()[0] if str(e) else "")
+        raise ArtifactError(f"{path}: cannot decode image ({reason[:120] or type(e).__name__})") from None
+
+
+@contextlib.contextmanager
+def _without_pil_limit():
+    """PIL's global pixel guard off while read_image applies its own (with the file's name)."""
+    from PIL import Image
+
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def find_images(directory: Path) -> list[Path]:
@@ -43,8 +71,8 @@ class ImageFiles(torch.utils.data.Dataset):
     """Reads, hashes, decodes and preprocesses images in DataLoader workers, so decoding
     overlaps the encoder. A file already in the cache is hashed but not decoded."""
 
-    def __init__(self, paths: list[str], transform, is_cached):
-        self.paths, self.transform, self.is_cached = paths, transform, is_cached
+    def __init__(self, paths: list[str], transform, is_cached, max_pixels: int | None = MAX_PIXELS):
+        self.paths, self.transform, self.is_cached, self.max_pixels = paths, transform, is_cached, max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -59,7 +87,7 @@ class ImageFiles(torch.utils.data.Dataset):
         if self.is_cached(digest):
             return {"index": i, "digest": digest, "pixels": None}
         try:
-            pixels = self.transform(read_image(path, data))
+            pixels = self.transform(read_image(path, data, max_pixels=self.max_pixels))
         except ArtifactError as e:
             return {"index": i, "error": str(e)}
         return {"index": i, "digest": digest, "pixels": pixels}

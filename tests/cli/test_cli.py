@@ -67,6 +67,8 @@ def test_flag_beats_environment_beats_yaml(tmp_path, lm_dir):
     (["--lm", "/nonexistent/lm"], "/nonexistent/lm"),
     (["-c", "/nonexistent/preset.yaml"], "/nonexistent/preset.yaml"),
     (["--encoder", "no_such_timm_model"], "no_such_timm_model"),
+    (["--lm", "/nonexistent/lm"], "LM /nonexistent/lm: no such directory"),
+    (["--lm", "missing_dir"], "LM missing_dir: no such directory"),
 ])
 def test_runtime_errors_are_one_line_without_traceback(tmp_path, lm_dir, args, message):
     full = ["init", "--lm", str(lm_dir("gpt2")), "-c", str(ROOT / "stages/init/tiny.yaml"), *args,
@@ -86,3 +88,20 @@ def test_man_pages_match_the_help_texts(tmp_path):
     assert generated == sorted(p.name for p in (ROOT / "man").glob("*.1")), "run `make man`"
     for name in generated:
         assert (tmp_path / name).read_text() == (ROOT / "man" / name).read_text(), f"{name} is stale: run `make man`"
+
+
+def test_an_lm_that_transformers_refuses_is_one_line(tmp_path, lm_dir):
+    """transformers 5 validates config fields strictly: 4.0 for an int is huggingface_hub's
+    StrictDataclassFieldValidationError, which must not escape as a traceback."""
+    import json
+    import shutil
+
+    lm = tmp_path / "lm"
+    shutil.copytree(lm_dir("llama"), lm)
+    config = json.loads((lm / "config.json").read_text())
+    (lm / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 4.0}))
+    r = run("init", "-c", str(ROOT / "stages/init/tiny.yaml"), "--lm", str(lm), "-o", str(tmp_path / "ckpt"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.splitlines() == [f"Error: LM {lm}: cannot load its tokenizer (Validation error for field "
+                                     "'num_hidden_layers': TypeError: Field 'num_hidden_layers' expected int, got "
+                                     "float (value: 4.0))"]

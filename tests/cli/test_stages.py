@@ -169,7 +169,7 @@ def test_output_file_is_atomic(world):
     shutil.copy(root / "imgs" / "0-red.png", root / "half" / "a.png")
     (root / "half" / "b.png").write_bytes(b"not an image")
     r = sh("flamingo encode --batch-size 1 -o half.jsonl half/", root, env)
-    assert r.returncode == 1 and "half/b.png: cannot decode image" in r.stderr
+    assert r.returncode == 1 and "half/b.png: not an image" in r.stderr
     assert not (root / "half.jsonl").exists() and not list(root.glob(".half.jsonl*"))
     # On stdout, the records of finished batches stay whole and valid.
     r = sh("flamingo encode --batch-size 1 half/", root, env)
@@ -189,13 +189,16 @@ def _bad_inputs(root):
     save_tensors(root / "narrow.safetensors", {"features": torch.zeros(1, 4, 7)}, {"encoder": encoder})
     save_tensors(root / "foreign.safetensors", {"features": torch.zeros(1, 4, 64)}, {"encoder": "resnet50@0123"})
     (root / "no-config").mkdir(exist_ok=True)
+    (root / "latin1.jsonl").write_bytes(b'{"id": "a"}\n{"id": "caf\xe9"}\n')
+    (root / "bomb.png").write_bytes(_png_header(30000, 30000))
+    (root / "notes.png").write_text("not an image")
 
     def prompt(media, text="<image>Output:"):
         return json.dumps({"id": "q1", "prompt": text, "media": media}).replace('"', '\\"')
 
     return [
         ("missing image", "flamingo encode imgs/nope.png", "imgs/nope.png: No such file or directory"),
-        ("corrupt image", "flamingo encode corrupt.png", "corrupt.png: cannot decode image"),
+        ("corrupt image", "flamingo encode corrupt.png", "corrupt.png: cannot decode image (Truncated File Read)"),
         ("truncated safetensors", f'echo "{prompt([f"{trunc}#features"])}" | flamingo generate',
          "trunc.safetensors: not a readable safetensors file"),
         ("wrong feature dim", f'echo "{prompt([f"{root}/narrow.safetensors#features"])}" | flamingo generate',
@@ -210,10 +213,28 @@ def _bad_inputs(root):
         ("checkpoint without config", "flamingo generate --ckpt no-config < shots.jsonl",
          "no-config: not a checkpoint directory (no config.yaml)"),
         ("empty stdin", "flamingo resample < /dev/null", "<stdin>: no records"),
+        ("non-UTF-8 stdin", "cat latin1.jsonl | flamingo prompt --shots shots.jsonl", "<stdin>: line 2: not UTF-8 text"),
+        ("non-UTF-8 file", "flamingo resample latin1.jsonl", "latin1.jsonl: line 2: not UTF-8 text"),
+        ("decompression bomb", "flamingo encode bomb.png",
+         "bomb.png: the image claims 30000x30000 = 900,000,000 pixels, over the limit of 89,478,485"),
+        ("not an image, as a prompt's media", f'echo "{prompt(["notes.png"])}" | flamingo generate',
+         "notes.png: not an image"),
     ]
 
 
-@pytest.mark.parametrize("case", range(10))
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height, with almost no pixel data behind it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("case", range(14))
 def test_bad_input_is_one_line_exit_1_and_no_traceback(world, case):
     root, env = world
     name, command, message = _bad_inputs(root)[case]
@@ -222,7 +243,7 @@ def test_bad_input_is_one_line_exit_1_and_no_traceback(world, case):
     assert r.stdout == "", name
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("Error: "), f"{name}: {r.stderr!r}"
     assert message in r.stderr, name
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in r.stderr and "object at 0x" not in r.stderr
 
 
 @pytest.mark.parametrize("case", [1, 4])
@@ -335,3 +356,10 @@ def test_output_to_a_device_writes_through_and_never_replaces_it():
     with open_output("/dev/null") as f:
         f.write('{"id": 1}\n')
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_encode_max_pixels_defaults_to_the_library_limit():
+    from flamingo_cli.cli.encode import encode
+    from flamingo_cli.inference.media import MAX_PIXELS
+
+    assert {p.name: p.default for p in encode.params}["max_pixels"] == MAX_PIXELS
