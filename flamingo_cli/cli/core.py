@@ -6,6 +6,7 @@ Configuration precedence: flag > FLAMINGO_<CMD>_<OPT> environment variable > --c
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 
@@ -21,12 +22,34 @@ def _debug() -> bool:
     return os.environ.get("FLAMINGO_DEBUG", "") not in ("", "0")
 
 
+class Interrupted(BaseException):
+    """Ctrl-C, kept from click (whose Abort prints a blank line and exits 1)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (timeout, SLURM, container runtimes), raised where the main process is, so it
+    unwinds as Ctrl-C does: temp files and directories are removed on the way out."""
+
+
+_MAIN_PID = None  # set by main(), before any worker is forked
+
+
+def _terminate(signum, frame):
+    if os.getpid() != _MAIN_PID:  # a forked DataLoader worker: end as the signal means
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise Terminated
+
+
 class FlamingoGroup(click.Group):
     """Maps library errors to one line on stderr and exit 1; a closed stdout pipe to exit 0."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted from None
         except FlamingoError as e:
             if _debug():
                 traceback.print_exc()
@@ -58,9 +81,18 @@ def main() -> None:
     # a busy neighbour slow every small op by ~50x; sleeping threads cost almost nothing.
     # Set before torch loads; the user's own setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         code = cli.main(prog_name="flamingo", standalone_mode=False)
         sys.stdout.flush()
+    except Interrupted:  # as shells report a process ended by a signal: 128 + its number
+        click.echo("flamingo: interrupted", err=True)
+        code = 128 + signal.SIGINT
+    except Terminated:
+        click.echo("flamingo: terminated", err=True)
+        code = 128 + signal.SIGTERM
     except BrokenPipeError:  # raised by the final flush
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 0

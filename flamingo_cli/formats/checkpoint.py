@@ -28,7 +28,7 @@ from ..errors import CheckpointError, ConfigError
 from ..model.config import EncoderConfig, FlamingoConfig, LMConfig
 from ..model.flamingo import Flamingo
 from ..model.vision_encoder import VisionEncoder
-from .artifacts import default_umask, digest_file
+from .artifacts import default_umask, digest_file, signals_deferred
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -339,6 +339,7 @@ def _replace_dir(new: Path, target: Path) -> None:
         os.rename(new, target)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    os.rename(target, old / "x")
-    os.rename(new, target)
+    with signals_deferred():  # between the two renames there is no checkpoint at `target`
+        os.rename(target, old / "x")
+        os.rename(new, target)
     shutil.rmtree(old, ignore_errors=True)

@@ -114,10 +114,22 @@ def write_feature_shards(encoder, identity: str, records: list[dict], pattern: s
             on_batch(len(batch))
     complete = [i for i, record in enumerate(records) if len(refs[i]) == len(media_paths(record))]
     Path(pattern % 0).parent.mkdir(parents=True, exist_ok=True)
-    with wds.ShardWriter(pattern + ".tmp", maxcount=maxcount, verbose=0,
-                         post=lambda name: os.replace(name, name[: -len(".tmp")])) as sink:
-        for i in complete:
-            features = [load_ref(ref, encoder=identity)[0] for ref in refs[i]]
-            sink.write(feature_sample(f"{i:09d}", records[i], features, identity))
+    failed = []
+
+    def finish(name: str) -> None:
+        # ShardWriter closes its last shard on the way out of an error too: that one is partial.
+        if failed:
+            os.unlink(name)
+        else:
+            os.replace(name, name[: -len(".tmp")])
+
+    with wds.ShardWriter(pattern + ".tmp", maxcount=maxcount, verbose=0, post=finish) as sink:
+        try:
+            for i in complete:
+                features = [load_ref(ref, encoder=identity)[0] for ref in refs[i]]
+                sink.write(feature_sample(f"{i:09d}", records[i], features, identity))
+        except BaseException:
+            failed.append(True)
+            raise
     return [{**records[i], "features": refs[i] if "images" in records[i] else refs[i][0], "encoder": identity}
             for i in complete]

@@ -3,8 +3,10 @@ import json
 import os
 import pty
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -363,3 +365,38 @@ def test_encode_max_pixels_defaults_to_the_library_limit():
     from flamingo_cli.inference.media import MAX_PIXELS
 
     assert {p.name: p.default for p in encode.params}["max_pixels"] == MAX_PIXELS
+
+
+def _wait_for(condition, process, seconds=120):
+    deadline = time.time() + seconds
+    while not condition():
+        assert process.poll() is None, process.communicate()[1]
+        assert time.time() < deadline, "the stage did not get going"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_mid_run_exits_as_shells_expect_and_leaves_only_whole_output(world, sig, code, word):
+    root, env = world
+    features = records((root / "shots.jsonl").read_text())[0]["features"]
+    (root / "many.jsonl").write_text("".join(
+        json.dumps({"id": f"q{i}", "prompt": "<image>Output:", "media": [features]}) + "\n" for i in range(2000)))
+    command = [str(BIN / "flamingo"), "generate", "-q", "--batch-size", "1", "many.jsonl"]
+
+    # -o FILE: the temp file beside it goes, and no partial FILE appears.
+    p = subprocess.Popen([*command, "-o", "out.jsonl"], cwd=root, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: list(root.glob(".out.jsonl.*.tmp")), p)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=120)
+    assert (p.returncode, out, err) == (code, "", f"flamingo: {word}\n")
+    assert not list(root.glob(".out.jsonl*")) and not (root / "out.jsonl").exists()
+
+    # stdout: every record written before the signal is whole.
+    with open(root / "stdout.jsonl", "w") as sink:
+        p = subprocess.Popen(command, cwd=root, env=env, stdout=sink, stderr=subprocess.PIPE, text=True)
+        _wait_for(lambda: (root / "stdout.jsonl").read_text().count("\n") >= 2, p)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=120)
+    assert (p.returncode, err) == (code, f"flamingo: {word}\n")
+    assert 2 <= len(records((root / "stdout.jsonl").read_text())) < 2000

@@ -1,8 +1,10 @@
 """Pretraining: the mixture objective, resume equality, DDP equality, and the example Makefile."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -287,3 +289,55 @@ def test_shard_split_across_two_processes(toy, many_shards):
     r = run(["flamingo", "pretrain", "-c", "tiny", "-q", "--run-dir", "x", "--steps", "1", "--data",
              "pairs=many/pairs-{000000..000001}.tar", "--split", "shards", "--workers", "3"], root, env, check=False)
     assert r.returncode == 1 and "needs at least 3 shards (1 processes x 3 workers), found 2" in r.stderr
+
+
+def test_sigterm_saves_nothing_half_written_and_resume_continues_exactly(toy):
+    """What SLURM and `timeout` send: exit 143, no temp directory, and --resume picks up the
+    last checkpoint as if the run had never stopped."""
+    root, env = toy
+    p = subprocess.Popen(args(1000, "termed", "--save-every", "1"), cwd=root, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (root / "termed/checkpoint/config.yaml").exists():
+        assert p.poll() is None and time.time() < deadline, p.stderr.read() if p.poll() is not None else "slow"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 143 and out == "" and "Traceback" not in err
+    assert err.splitlines()[-1] == "flamingo: terminated"
+    assert sorted(x.name for x in (root / "termed").iterdir()) == ["checkpoint", "metrics.jsonl"]
+    step = torch.load(root / "termed/checkpoint/trainer_state.pt", weights_only=False)["step"]
+    run(args(step + 1, "termed", "--save-every", "1", "--resume"), root, env)
+    run(args(step + 1, "straight", "--save-every", "1"), root, env)
+    assert (root / "termed/checkpoint/model.safetensors").read_bytes() == \
+        (root / "straight/checkpoint/model.safetensors").read_bytes()
+    assert [m["step"] for m in metrics(root / "termed/metrics.jsonl")] == list(range(1, step + 2))
+
+
+def test_an_interrupted_shard_is_never_left_under_its_final_name(toy, tmp_path, monkeypatch):
+    """webdataset's ShardWriter closes (and would publish) its last shard on the way out of an
+    error; encode --wds must keep the complete shards and drop the partial one."""
+    from flamingo_cli.formats import artifacts
+    from flamingo_cli.formats.checkpoint import load_checkpoint_encoder
+    from flamingo_cli.inference.encoding import write_feature_shards
+
+    root, _ = toy
+    monkeypatch.chdir(root)
+    records = artifacts.read_records_file("pairs.jsonl")
+    assert len(records) == 8
+    encoder, identity = load_checkpoint_encoder(root / "ckpt")
+    written = []
+
+    def sample_then_interrupt(*a):
+        written.append(a[0])
+        if len(written) == 6:  # inside the second shard of four
+            raise KeyboardInterrupt
+        return real(*a)
+
+    real = artifacts.feature_sample
+    monkeypatch.setattr(artifacts, "feature_sample", sample_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        write_feature_shards(encoder, identity, records, str(tmp_path / "s-%06d.tar"), root=root / "cache",
+                             maxcount=4, workers=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s-000000.tar"]
