@@ -233,16 +233,18 @@ def input_records(source: str) -> list[dict]:
     return records
 
 
-def checkpoint_dir(ckpt: str | None, *, bundled: bool = True) -> str:
-    """--ckpt, else FLAMINGO_CKPT, else the bundled toy model (said on stderr: it knows only its world)."""
+def checkpoint_dir(ckpt: str | None, *, bundled: bool = True, quiet: bool = False) -> str:
+    """--ckpt, else FLAMINGO_CKPT, else the bundled toy model (said on stderr unless quiet: it
+    knows only its world)."""
     if ckpt:
         return ckpt
     if not bundled:
         raise click.UsageError("no checkpoint: pass --ckpt DIR or set FLAMINGO_CKPT")
     from ..formats.checkpoint import BUNDLED_CHECKPOINT
 
-    click.echo(f"flamingo: no --ckpt or FLAMINGO_CKPT, using the bundled toy model ({BUNDLED_CHECKPOINT}); "
-               "it knows only the shapes world of examples/toy", err=True)
+    if not quiet:
+        click.echo(f"flamingo: no --ckpt or FLAMINGO_CKPT, using the bundled toy model ({BUNDLED_CHECKPOINT}); "
+                   "it knows only the shapes world of examples/toy", err=True)
     return str(BUNDLED_CHECKPOINT)
 
 

@@ -7,7 +7,7 @@ BENCHMARK_NAMES = ["vqav2", "okvqa", "vizwiz", "textvqa", "coco", "flickr30k", "
 
 
 @click.command(short_help="Turn a benchmark's own annotation files into query/support records.")
-@click.argument("bench", type=click.Choice(BENCHMARK_NAMES))
+@click.argument("bench", type=click.Choice(BENCHMARK_NAMES), metavar="BENCH")
 @click.argument("root", type=click.Path(file_okay=False))
 @click.option("--split", help="The benchmark's split (train, val, test, dev_seen, ...); required unless --classes.")
 @click.option("--sample", "n", type=click.IntRange(min=0), help="Keep a seeded random N of the split (file order kept).")

@@ -57,7 +57,7 @@ def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, worke
             records.append({"id": item, "image": item})
     if not records:
         raise click.UsageError(f"no images found in {' '.join(inputs)}")
-    encoder, identity = load_checkpoint_encoder(checkpoint_dir(ckpt))
+    encoder, identity = load_checkpoint_encoder(checkpoint_dir(ckpt, quiet=quiet))
     encoder = encoder.to(device)
     skipped = []
     root = Path(out_dir) if out_dir else cache_dir()

@@ -33,7 +33,7 @@ def generate(input, ckpt, output, device, seed, quiet, shots, k, select, templat
     records = input_records(input)
     if shots:
         records = shot_prompts(records, shots, k, select, seed, template)
-    model, media = load_for_inference(checkpoint_dir(ckpt), device)
+    model, media = load_for_inference(checkpoint_dir(ckpt, quiet=quiet), device)
     with progress(quiet, total=len(records), unit="rec", desc="generate") as bar, open_output(output) as out:
         for batch in batches(records, batch_size):
             write_records(out, generate_records(model, batch, media, num_beams=num_beams,

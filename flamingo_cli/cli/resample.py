@@ -29,7 +29,7 @@ def resample(input, ckpt, output, device, seed, quiet, out_dir):
     single_process("resample")
     setup(seed, quiet)
     records = input_records(input)
-    model, _ = load_for_inference(checkpoint_dir(ckpt), device)
+    model, _ = load_for_inference(checkpoint_dir(ckpt, quiet=quiet), device)
     root = Path(out_dir) if out_dir else cache_dir()
     with progress(quiet, total=len(records), unit="rec", desc="resample") as bar, open_output(output) as out:
         for batch in batches(records, 64):

@@ -39,7 +39,7 @@ def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, 
         if not fixed:
             raise ArtifactError(f"{candidates_file}: no candidates")
     records = input_records(input)
-    model, media = load_for_inference(checkpoint_dir(ckpt), device)
+    model, media = load_for_inference(checkpoint_dir(ckpt, quiet=quiet), device)
     with progress(quiet, total=len(records), unit="rec", desc="score") as bar, open_output(output) as out:
         for record in score_records(model, records, media, candidates=fixed, normalize=normalize,
                                     batch_size=batch_size, device=device, dtype=autocast_dtype(dtype)):

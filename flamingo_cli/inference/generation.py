@@ -40,8 +40,19 @@ def generate_records(model, records: list[dict], media: MediaResolver, *, num_be
     with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None):
         new = model.generate(batch.input_ids, visual, attention_mask=batch.attention_mask, num_beams=num_beams,
                              max_new_tokens=max_new_tokens, length_penalty=length_penalty)
-    outputs = tokenizer.batch_decode(new, skip_special_tokens=True)
+    outputs = tokenizer.batch_decode(new, skip_special_tokens=True, **decode_options(tokenizer))
     return [{**record, "output": text.strip()} for record, text in zip(records, outputs)]
+
+
+def decode_options(tokenizer) -> dict:
+    """transformers 5 skips the space clean-up for BPE tokenizers (it corrupts them), with a
+    warning each time a tokenizer's config asks for it, as many hub tokenizers' do: for BPE,
+    ask for what is done anyway."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    forced = getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
+    if backend is not None and type(backend.model).__name__ == "BPE" and not forced:
+        return {"clean_up_tokenization_spaces": False}
+    return {}
 
 
 def batches(items: list, size: int) -> Iterator[list]:

@@ -105,3 +105,23 @@ def test_an_lm_that_transformers_refuses_is_one_line(tmp_path, lm_dir):
     assert r.stderr.splitlines() == [f"Error: LM {lm}: cannot load its tokenizer (Validation error for field "
                                      "'num_hidden_layers': TypeError: Field 'num_hidden_layers' expected int, got "
                                      "float (value: 4.0))"]
+
+
+def _commands(group, path=()):
+    for name, command in group.commands.items():
+        yield [*path, name]
+        if hasattr(command, "commands"):
+            yield from _commands(command, (*path, name))
+
+
+def _usage(args, width):
+    r = CliRunner().invoke(cli, [*args, "--help"], terminal_width=width, max_content_width=width)
+    assert r.exit_code == 0, r.output
+    return r.output.split("\n\n")[0]
+
+
+def test_usage_lines_wrap_between_words():
+    """At 80 columns a usage line may wrap, but never inside a word (flamingo data's list of
+    benchmarks once broke 'hatefulmemes' in two)."""
+    for args in _commands(cli):
+        assert _usage(args, 80).split() == _usage(args, 1000).split(), args

@@ -132,6 +132,10 @@ def test_stages_default_to_the_bundled_model_and_say_so(tmp_path):
     assert "bundled toy model" in r.stderr
     (record,) = [json.loads(line) for line in r.stdout.splitlines()]
     assert record["output"] == "a purple cross"
+    quiet = subprocess.run(["bash", "-c", f"set -euo pipefail; flamingo encode -q {image} "
+                            f"| flamingo generate -q --shots {TOY / 'shots.jsonl'} -k 4"],
+                           cwd=ROOT, env=_env(FLAMINGO_CACHE=str(tmp_path / "cache")), capture_output=True, text=True)
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, r.stdout, "")
 
 
 def test_pretrain_still_needs_an_explicit_checkpoint(tmp_path):
