@@ -255,14 +255,24 @@ def autocast_dtype(name: str):
 
 
 def shot_prompts(queries: list[dict], shots_file: str, k: int, select: str, seed: int, template_name: str,
-                 ensembles: int = 1) -> list[dict]:
-    """--shots FILE, -k, --select, --template: the queries' few-shot prompt records."""
+                 ensembles: int = 1, *, quiet: bool = False) -> list[dict]:
+    """--shots FILE, -k, --select, --template: the queries' few-shot prompt records. A user who
+    hands over a shots file without -k means "use these": up to the default -k of them."""
+    from click.core import ParameterSource
+
     from ..formats.artifacts import read_records_file
-    from ..inference.prompting import load_template, prompt_records
+    from ..inference.prompting import eligible_count, load_template, prompt_records
 
     template = load_template(template_name)
-    return prompt_records(template, queries, read_records_file(shots_file), k=k, method=select, seed=seed,
-                          ensembles=ensembles)
+    support = read_records_file(shots_file)
+    ctx = click.get_current_context()
+    default_k = ctx.get_parameter_source("k") == ParameterSource.DEFAULT
+    short = sum(eligible_count(q, support) < k for q in queries) if default_k else 0
+    if short and not quiet:
+        click.echo(f"flamingo {ctx.info_name}: {shots_file} has fewer than the default {k} shots for {short} of "
+                   f"{len(queries)} queries; their prompts use all it has (-k N requires N)", err=True)
+    return prompt_records(template, queries, support, k=k, method=select, seed=seed, ensembles=ensembles,
+                          at_most=default_k)
 
 
 def init_config(name_or_file: str | None):

@@ -32,7 +32,7 @@ def generate(input, ckpt, output, device, seed, quiet, shots, k, select, templat
     setup(seed, quiet)
     records = input_records(input)
     if shots:
-        records = shot_prompts(records, shots, k, select, seed, template)
+        records = shot_prompts(records, shots, k, select, seed, template, quiet=quiet)
     model, media = load_for_inference(checkpoint_dir(ckpt, quiet=quiet), device)
     with progress(quiet, total=len(records), unit="rec", desc="generate") as bar, open_output(output) as out:
         for batch in batches(records, batch_size):

@@ -29,4 +29,4 @@ def prompt(input, output, device, seed, quiet, shots, k, select, template, ensem
         raise click.UsageError("--shots FILE is required")
     records = input_records(input)
     with open_output(output) as out:
-        write_records(out, shot_prompts(records, shots, k, select, seed, template, ensembles))
+        write_records(out, shot_prompts(records, shots, k, select, seed, template, ensembles, quiet=quiet))

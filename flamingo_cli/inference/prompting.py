@@ -307,16 +307,25 @@ def ensemble_orders(n: int, ensembles: int, seed: int, query_id: Any) -> list[li
 
 
 def prompt_records(template: Template, queries: list[dict[str, Any]], support: list[dict[str, Any]], *, k: int,
-                   method: str, seed: int, ensembles: int = 1) -> list[dict[str, Any]]:
+                   method: str, seed: int, ensembles: int = 1, at_most: bool = False) -> list[dict[str, Any]]:
     """Prompt records for every query (what `flamingo prompt` writes). For `rices`, the
-    similarity vectors are the pooled features that `flamingo encode` stored with each record."""
+    similarity vectors are the pooled features that `flamingo encode` stored with each record.
+    With at_most, k is an upper bound: a query with fewer eligible support records (its own
+    id excluded) gets all of them; without it, that is an error."""
     vectors = rices_vectors(queries, support) if method == "rices" else None
     out = []
     for i, query in enumerate(queries):
         kw = {} if vectors is None else {"query_vector": vectors[0][i], "support_vectors": vectors[1]}
-        out.extend(make_prompt_records(template, query, support, k=k, method=method, seed=seed,
+        shots = min(k, eligible_count(query, support)) if at_most and k > 0 else k
+        out.extend(make_prompt_records(template, query, support, k=shots, method=method, seed=seed,
                                        ensembles=ensembles, **kw))
     return out
+
+
+def eligible_count(query: dict[str, Any], support: list[dict[str, Any]]) -> int:
+    """How many support records may be the query's shots: all but the query itself."""
+    qid = str(_record_id(query))
+    return sum(str(_record_id(s)) != qid for s in support)
 
 
 def rices_vectors(queries: list[dict[str, Any]], support: list[dict[str, Any]]):

@@ -72,6 +72,26 @@ def _shard_urls(pattern: str) -> list[str]:
     return urls
 
 
+def check_shards(specs: list[DatasetSpec]) -> None:
+    """What a run can check before it creates anything: every dataset's local shards exist, and
+    its first is a tar archive with something in it. (Later bad data is skipped and counted.)"""
+    import tarfile
+
+    for spec in specs:
+        local = [u for u in _shard_urls(spec.pattern) if "://" not in u]
+        if not local:
+            continue
+        try:
+            with tarfile.open(local[0]) as tar:
+                empty = tar.next() is None
+        except tarfile.TarError:
+            raise FlamingoError(f"{local[0]}: not a readable shard (not a tar archive)") from None
+        except OSError as e:
+            raise FlamingoError(f"{local[0]}: {e.strerror}") from None
+        if empty:
+            raise FlamingoError(f"{local[0]}: not a readable shard (an empty archive)")
+
+
 def _raw_samples(urls: list[str], seed: int, log) -> Iterator[dict]:
     """Samples forever: epoch e reads the shards in an order seeded by (seed, e)."""
     from webdataset.tariterators import shardlist, tarfile_samples

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .data import DatasetSpec, ExampleStream, ImageEncoder, ShardStream
+from .data import DatasetSpec, ExampleStream, ImageEncoder, ShardStream, check_shards
 from .sampling import SamplingConfig
 from .trainer import CHECKPOINT_DIR, Distributed, TrainConfig, Trainer, truncate_metrics
 
@@ -45,6 +45,7 @@ def pretrain(start: str | Path, run_dir: str | Path, specs: list[DatasetSpec], s
     dist = dist or Distributed()
     log = log or (lambda msg: None)
     start, run = Path(start), Path(run_dir)
+    check_shards(specs)
     torch.manual_seed(config.seed)
     model = load_checkpoint(start, with_encoder=False).to(device)
     model.set_activation_checkpointing(grad_checkpointing)

@@ -400,3 +400,21 @@ def test_a_signal_mid_run_exits_as_shells_expect_and_leaves_only_whole_output(wo
         _, err = p.communicate(timeout=120)
     assert (p.returncode, err) == (code, f"flamingo: {word}\n")
     assert 2 <= len(records((root / "stdout.jsonl").read_text())) < 2000
+
+
+def test_a_small_shots_file_is_used_whole_unless_k_is_given(world):
+    """`encode imgs/ | generate --shots shots.jsonl` with fewer shots than the default -k 4:
+    the user means "use these". -k (flag or environment) still insists."""
+    root, env = world
+    (root / "two.jsonl").write_text("".join((root / "shots.jsonl").read_text().splitlines(keepends=True)[:2]))
+    query = records((root / "shots.jsonl").read_text())[3]
+    (root / "query.jsonl").write_text(json.dumps(query) + "\n")
+    r = sh("flamingo prompt --shots two.jsonl < query.jsonl", root, env, check=True)
+    assert sorted(records(r.stdout)[0]["shots"]) == ["s-green", "s-red"]
+    assert r.stderr == ("flamingo prompt: two.jsonl has fewer than the default 4 shots for 1 of 1 queries; "
+                        "their prompts use all it has (-k N requires N)\n")
+    assert sh("flamingo prompt -q --shots two.jsonl < query.jsonl", root, env, check=True).stderr == ""
+    for command, extra in [("flamingo prompt -k 4 --shots two.jsonl < query.jsonl", {}),
+                           ("flamingo prompt --shots two.jsonl < query.jsonl", {"FLAMINGO_PROMPT_K": "4"})]:
+        r = sh(command, root, {**env, **extra})
+        assert r.returncode == 1 and "4 support examples needed but only 2 available" in r.stderr

@@ -211,6 +211,22 @@ def test_bad_mixture_flags_are_one_line_errors(toy):
     assert r.returncode == 1 and "missing-000.tar: no such shard" in r.stderr
 
 
+@pytest.mark.parametrize("shard, message", [
+    ("missing-{000..001}.tar", "Error: missing-000.tar: no such shard (and 1 more)"),
+    ("notes.tar", "Error: notes.tar: not a readable shard (not a tar archive)"),
+    ("empty.tar", "Error: empty.tar: not a readable shard (an empty archive)"),
+])
+def test_bad_shards_are_one_line_and_create_nothing(toy, shard, message):
+    root, env = toy
+    (root / "notes.tar").write_text("not a tar file")
+    with open(root / "empty.tar", "wb") as f:
+        f.write(b"\0" * 10240)  # what tar writes for an archive with no members
+    r = run([*args(1, "nothing")[:-4], "--data", f"x={shard}"], root, env, check=False)
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(message), r.stderr
+    assert not (root / "nothing").exists()
+
+
 def test_the_example_makefile_runs_end_to_end(tmp_path):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     images = draw_folder(tmp_path / "images")
