@@ -14,6 +14,7 @@ import click
 
 from .. import __version__
 from ..errors import ConfigError, FlamingoError
+from ..formats.artifacts import storage_failure
 
 DTYPES = ["float32", "bfloat16", "float16"]
 
@@ -96,6 +97,11 @@ def main() -> None:
     except BrokenPipeError:  # raised by the final flush
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 0
+    except OSError as e:
+        if storage_failure(e) is None:
+            raise
+        click.echo(f"Error: <stdout>: cannot write ({storage_failure(e)})", err=True)  # the final flush
+        code = 1
     except click.ClickException as e:
         e.show()
         code = e.exit_code

@@ -13,9 +13,11 @@ reference carries the identity of the encoder and a model refuses foreign featur
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -80,12 +82,14 @@ def write_records(stream: IO[str], records: Iterable[dict[str, Any]]) -> None:
 @contextlib.contextmanager
 def open_output(path: str | None):
     """stdout for None or '-'; otherwise a temp file beside `path`, renamed into place only
-    when the block completes, so an interrupted run never leaves a partial file."""
+    when the block completes, so an interrupted run never leaves a partial file. Storage that
+    refuses the write (a full disk, a quota) is one ArtifactError naming the output."""
     if path in (None, "-"):
-        yield sys.stdout
+        with storage_errors("<stdout>"):
+            yield sys.stdout
         return
     if Path(path).exists() and not Path(path).is_file():  # /dev/null, a FIFO: write through, never replace
-        with open(path, "w", encoding="utf-8") as f:
+        with storage_errors(path), open(path, "w", encoding="utf-8") as f:
             yield f
         return
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
@@ -105,13 +109,42 @@ def atomic_path(path: str | Path):
         raise ArtifactError(f"{path}: cannot write ({e.strerror})") from None
     os.close(fd)
     try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~default_umask())
-        os.replace(tmp, path)
+        with storage_errors(path):
+            yield tmp
+            os.chmod(tmp, 0o666 & ~default_umask())
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+# Storage refusing a write: full, over quota, a file too large for a limit, read-only, failing.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+
+
+def storage_failure(e: BaseException) -> str | None:
+    """Why a write failed, when `e` says the storage refused it (also through safetensors,
+    which reports the OS error inside its own); None for any other error."""
+    if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+        return os.strerror(e.errno)
+    if type(e).__name__ == "SafetensorError":
+        code = re.search(r"os error (\d+)", str(e))
+        if code and int(code.group(1)) in STORAGE_ERRNOS:
+            return os.strerror(int(code.group(1)))
+    return None
+
+
+@contextlib.contextmanager
+def storage_errors(path: str | Path):
+    """Turns storage refusing a write inside the block into one ArtifactError naming `path`."""
+    try:
+        yield
+    except Exception as e:
+        reason = storage_failure(e)
+        if reason is None:
+            raise
+        raise ArtifactError(f"{path}: cannot write ({reason})") from None
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from ..errors import CheckpointError, ConfigError
 from ..model.config import EncoderConfig, FlamingoConfig, LMConfig
 from ..model.flamingo import Flamingo
 from ..model.vision_encoder import VisionEncoder
-from .artifacts import default_umask, digest_file, signals_deferred
+from .artifacts import default_umask, digest_file, signals_deferred, storage_failure
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -280,7 +280,10 @@ def save_checkpoint(model: Flamingo, directory: str | Path, *, embed_lm: bool = 
     config = FlamingoConfig.from_dict(model.config.to_dict())
     base = getattr(model, "source_dir", None)
     embedded = [p for p in (directory, base) if p is not None]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    except OSError as e:
+        raise CheckpointError(f"{directory}: cannot write the checkpoint ({e.strerror})") from None
     try:
         weights = model.trainable_state_dict() if weights is None else weights
         state = {k: v.detach().float().contiguous().cpu() for k, v in weights.items()}
@@ -316,8 +319,11 @@ def save_checkpoint(model: Flamingo, directory: str | Path, *, embed_lm: bool = 
             (tmp / name).write_bytes(data)
         _default_permissions(tmp)
         _replace_dir(tmp, directory)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        reason = storage_failure(e)
+        if reason is not None:
+            raise CheckpointError(f"{directory}: cannot write the checkpoint ({reason})") from None
         raise
     return directory
 

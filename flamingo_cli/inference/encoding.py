@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..formats.artifacts import FEATURES, POOLED, VISUAL, ArtifactError, digest_file, load_ref, make_ref, \
-    save_tensors, split_ref, tensor_path
+    save_tensors, split_ref, storage_errors, tensor_path
 from .media import MAX_PIXELS, ImageFiles
 
 
@@ -123,7 +123,7 @@ def write_feature_shards(encoder, identity: str, records: list[dict], pattern: s
         else:
             os.replace(name, name[: -len(".tmp")])
 
-    with wds.ShardWriter(pattern + ".tmp", maxcount=maxcount, verbose=0, post=finish) as sink:
+    with storage_errors(pattern), wds.ShardWriter(pattern + ".tmp", maxcount=maxcount, verbose=0, post=finish) as sink:
         try:
             for i in complete:
                 features = [load_ref(ref, encoder=identity)[0] for ref in refs[i]]

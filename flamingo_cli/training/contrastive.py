@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..formats.artifacts import storage_errors
 from ..model.config import EncoderConfig
 from ..model.vision_encoder import VisionEncoder
 
@@ -186,7 +187,8 @@ def train_contrastive(records: list[dict], encoder_config: EncoderConfig, tokeni
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / METRICS_FILE
-    metrics_path.write_text("")
+    with storage_errors(metrics_path):
+        metrics_path.write_text("")
     record = {}
     for step in range(1, config.steps + 1):
         start = time.perf_counter()
@@ -212,7 +214,7 @@ def train_contrastive(records: list[dict], encoder_config: EncoderConfig, tokeni
             accuracy = sum(captions[j] == c for j, c in zip(best, captions)) / len(captions)
         record = {"step": step, "lr": lr, "loss": loss.item(), "image_to_text_accuracy": accuracy,
                   "scale": scale.item(), "pairs_per_s": len(captions) / (time.perf_counter() - start)}
-        with open(metrics_path, "a", encoding="utf-8") as f:
+        with storage_errors(metrics_path), open(metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if progress is not None:
             progress.update(1)

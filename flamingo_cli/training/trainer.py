@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FlamingoError
+from ..formats.artifacts import storage_errors
 from .data import DatasetSpec, ExampleStream, batch_features, to_tensors
 from .sampling import SamplingConfig
 
@@ -251,7 +252,7 @@ class Trainer:
                           "gates": gates,
                           "bad_samples": {n: s.stats.bad for n, s in streams.items()},
                           "empty_windows": {n: s.stats.empty for n, s in streams.items()}}
-                with open(metrics, "a", encoding="utf-8") as f:
+                with storage_errors(metrics), open(metrics, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
                 if progress is not None:
                     progress.update(1)

@@ -221,6 +221,10 @@ def _bad_inputs(root):
          "bomb.png: the image claims 30000x30000 = 900,000,000 pixels, over the limit of 89,478,485"),
         ("not an image, as a prompt's media", f'echo "{prompt(["notes.png"])}" | flamingo generate',
          "notes.png: not an image"),
+        ("full disk, -o", "flamingo prompt --shots shots.jsonl -o /dev/full < shots.jsonl",
+         "/dev/full: cannot write (No space left on device)"),
+        ("full disk, stdout", "flamingo prompt --shots shots.jsonl < shots.jsonl > /dev/full",
+         "<stdout>: cannot write (No space left on device)"),
     ]
 
 
@@ -236,7 +240,7 @@ def _png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-@pytest.mark.parametrize("case", range(14))
+@pytest.mark.parametrize("case", range(16))
 def test_bad_input_is_one_line_exit_1_and_no_traceback(world, case):
     root, env = world
     name, command, message = _bad_inputs(root)[case]
@@ -418,3 +422,38 @@ def test_a_small_shots_file_is_used_whole_unless_k_is_given(world):
                            ("flamingo prompt --shots two.jsonl < query.jsonl", {"FLAMINGO_PROMPT_K": "4"})]:
         r = sh(command, root, {**env, **extra})
         assert r.returncode == 1 and "4 support examples needed but only 2 available" in r.stderr
+
+
+def test_a_cache_that_cannot_take_more_is_one_line_and_leaves_no_temp_file(world, tmp_path):
+    """A file-size limit refuses the writes as a full disk would (EFBIG for ENOSPC): the same
+    path through safetensors, one line naming the cache file, no temp file left behind."""
+    root, env = world
+    cache = tmp_path / "cache"
+    r = sh(f"trap '' XFSZ; ulimit -f 2; flamingo encode --workers 0 -o /dev/null imgs/", root,
+           {**env, "FLAMINGO_CACHE": str(cache)})
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"Error: {cache}/") and r.stderr.endswith(".safetensors: cannot write (File too large)\n")
+    assert [p for p in cache.rglob("*") if p.is_file()] == []
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs, where the machine lets us mount one (root in a container)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_cache_is_one_line_naming_the_file(world, full_disk):
+    root, env = world
+    (full_disk / "filler").write_bytes(b"\0" * 60_000)
+    r = sh("flamingo encode --workers 0 -o /dev/null imgs/", root, {**env, "FLAMINGO_CACHE": str(full_disk)})
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"Error: {full_disk}/") and "cannot write (No space left on device)" in r.stderr
+    assert sorted(p.name for p in full_disk.rglob("*") if p.is_file()) == ["filler"]

@@ -357,3 +357,12 @@ def test_an_interrupted_shard_is_never_left_under_its_final_name(toy, tmp_path, 
         write_feature_shards(encoder, identity, records, str(tmp_path / "s-%06d.tar"), root=root / "cache",
                              maxcount=4, workers=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s-000000.tar"]
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_temp_directory(toy):
+    root, env = toy
+    command = " ".join(f"'{a}'" for a in args(1, "limited"))
+    r = run(["bash", "-c", f"trap '' XFSZ; ulimit -f 64; {command}"], root, env, check=False)
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stderr == f"Error: {root}/limited/checkpoint: cannot write the checkpoint (File too large)\n"
+    assert [p.name for p in (root / "limited").iterdir()] == ["metrics.jsonl"]
