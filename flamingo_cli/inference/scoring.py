@@ -58,10 +58,12 @@ def score_record(model, record: dict, media, candidates: list[str], *, continuat
                  dtype: torch.dtype | None = None) -> dict:
     """The `score` stage for one prompt record: the record plus `scores` {candidate: log-likelihood}
     and `prediction` (the best)."""
-    from .generation import check_prompt_record
+    from .generation import check_context, check_prompt_record
 
     text, entries = check_prompt_record(record)
     ids = model.tokenizer(text, return_tensors="pt").input_ids.to(device)
+    longest = max(len(candidate_ids(model.tokenizer, continuation, c)) for c in candidates)
+    check_context(model, record, ids.shape[1], longest, "its longest candidate takes")
     visual = media.visuals(entries).unsqueeze(0) if entries else None
     with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None):
         values = score_candidates(model, ids, visual, list(candidates), normalize=normalize,

@@ -24,7 +24,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import END_OF_CHUNK_TOKEN, IMAGE_TOKEN, FlamingoConfig
-from .lm import PAD_TOKEN, add_special_tokens, attach_new_token_rows, decoder_layers, text_config, xattn_layer_indices
+from .lm import (PAD_TOKEN, add_special_tokens, attach_new_token_rows, context_length, decoder_layers, text_config,
+                 xattn_layer_indices)
 from .masking import image_index
 from .resampler import PerceiverResampler
 from .vision_encoder import VisionEncoder
@@ -142,6 +143,11 @@ class Flamingo(nn.Module):
             elif not enabled:
                 layer.__dict__.pop("forward", None)
         self.activation_checkpointing = enabled
+
+    @property
+    def context_length(self) -> int | None:
+        """The most positions the LM takes, prompt and generated tokens together (None: unstated)."""
+        return context_length(self.lm)
 
     # -- media ------------------------------------------------------------------------
 

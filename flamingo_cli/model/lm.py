@@ -17,6 +17,19 @@ def text_config(lm: nn.Module):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+# What families call the most positions they take (LLaMA, OPT, ...; GPT-2; MPT; others).
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+def context_length(lm: nn.Module) -> int | None:
+    config = text_config(lm)
+    for name in CONTEXT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def decoder_layers(lm: nn.Module) -> nn.ModuleList:
     """The LM's stack of decoder layers, found by its length rather than by family-specific names."""
     n = getattr(text_config(lm), "num_hidden_layers", None)

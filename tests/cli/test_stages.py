@@ -221,6 +221,10 @@ def _bad_inputs(root):
          "bomb.png: the image claims 30000x30000 = 900,000,000 pixels, over the limit of 89,478,485"),
         ("not an image, as a prompt's media", f'echo "{prompt(["notes.png"])}" | flamingo generate',
          "notes.png: not an image"),
+        ("prompt past the context", f'echo "{prompt([good], "<image>" + "What colour is it? " * 200)}" '
+         "| flamingo generate", "q1: the prompt is "),
+        ("prompt past the context, scored", f'echo "{prompt([good], "<image>" + "What colour is it? " * 200)}" '
+         "| flamingo score --candidates classes.txt", "q1: the prompt is "),
         ("full disk, -o", "flamingo prompt --shots shots.jsonl -o /dev/full < shots.jsonl",
          "/dev/full: cannot write (No space left on device)"),
         ("full disk, stdout", "flamingo prompt --shots shots.jsonl < shots.jsonl > /dev/full",
@@ -240,7 +244,7 @@ def _png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-@pytest.mark.parametrize("case", range(16))
+@pytest.mark.parametrize("case", range(18))
 def test_bad_input_is_one_line_exit_1_and_no_traceback(world, case):
     root, env = world
     name, command, message = _bad_inputs(root)[case]
