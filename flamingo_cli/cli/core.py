@@ -222,6 +222,12 @@ def progress(quiet: bool, **kw):
     return tqdm(file=sys.stderr, disable=disable, dynamic_ncols=True, **kw)
 
 
+def say_derived_ids(first: str) -> None:
+    source = first.rpartition(":")[0]
+    click.echo(f"flamingo: {'<stdin>' if source == 'stdin' else source}: records without an 'id' are named by "
+               f"their line ({first}, ...)", err=True)
+
+
 def input_records(source: str) -> list[dict]:
     """All records of a file or of stdin ('-'); empty input is an error."""
     from ..formats.artifacts import ArtifactError, read_records, read_records_file
@@ -229,10 +235,10 @@ def input_records(source: str) -> list[dict]:
     if source == "-":
         if sys.stdin.isatty():
             raise click.UsageError("no input: pipe JSON Lines records in, or name a file (- means stdin)")
-        records = list(read_records(sys.stdin.buffer, "<stdin>"))
+        records = list(read_records(sys.stdin.buffer, "<stdin>", on_derived_id=say_derived_ids))
         name = "<stdin>"
     else:
-        records = read_records_file(source)
+        records = read_records_file(source, on_derived_id=say_derived_ids)
         name = source
     if not records:
         raise ArtifactError(f"{name}: no records")
@@ -270,7 +276,7 @@ def shot_prompts(queries: list[dict], shots_file: str, k: int, select: str, seed
     from ..inference.prompting import eligible_count, load_template, prompt_records
 
     template = load_template(template_name)
-    support = read_records_file(shots_file)
+    support = read_records_file(shots_file, on_derived_id=say_derived_ids)
     ctx = click.get_current_context()
     default_k = ctx.get_parameter_source("k") == ParameterSource.DEFAULT
     short = sum(eligible_count(q, support) < k for q in queries) if default_k else 0

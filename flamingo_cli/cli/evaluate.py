@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .core import input_records, key_values, preset_option
+from .core import input_records, key_values, preset_option, say_derived_ids
 
 
 @click.command(short_help="Score predictions: VQA accuracy, CIDEr-D, top-1, ROC-AUC.")
@@ -40,7 +40,7 @@ def evaluate(input, metric, references, cut_at, strip_quotes, vqa_evaluator, pos
 
     records = input_records(input)
     if references:
-        records = join_references(records, read_records_file(references), metric)
+        records = join_references(records, read_records_file(references, on_derived_id=say_derived_ids), metric)
     post = PostProcess(cut=cut_at, quotes=strip_quotes)
     summary, rows = evaluate_records(records, metric, post=post, positive=positive, negative=negative,
                                      vqa_evaluator=vqa_evaluator)

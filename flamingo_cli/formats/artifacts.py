@@ -22,7 +22,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,10 +38,17 @@ class ArtifactError(FlamingoError):
 
 # -- records ----------------------------------------------------------------------------
 
-def read_records(stream: IO[bytes] | IO[str], source: str) -> Iterator[dict[str, Any]]:
+def read_records(stream: IO[bytes] | IO[str], source: str, *,
+                 on_derived_id: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
     """Records from a JSON Lines stream, binary (decoded here, line by line) or text. Blank
     lines are skipped; a malformed line, or one that is not UTF-8, is an error naming
-    `source` and the line number."""
+    `source` and the line number.
+
+    Every record has an `id`, a string or an integer: it seeds the record's shots and joins
+    its results. A record without one is named by its place, "SOURCE:LINE" ("stdin:3" for
+    standard input), and on_derived_id hears of the first such id."""
+    label = "stdin" if source == "<stdin>" else source
+    told = False
     for lineno, line in enumerate(stream, start=1):
         try:
             if isinstance(line, bytes):
@@ -58,13 +65,22 @@ def read_records(stream: IO[bytes] | IO[str], source: str) -> Iterator[dict[str,
             raise ArtifactError(f"{source}: line {lineno}: malformed JSON ({e.msg})") from None
         if not isinstance(record, dict):
             raise ArtifactError(f"{source}: line {lineno}: expected a JSON object, got {type(record).__name__}")
+        rid = record.get("id")
+        if rid is None:
+            record = {"id": f"{label}:{lineno}", **record}
+            if on_derived_id is not None and not told:
+                on_derived_id(record["id"])
+                told = True
+        elif isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
+            raise ArtifactError(f"{source}: line {lineno}: 'id' must be a non-empty string or an integer, "
+                                f"got {json.dumps(rid)}")
         yield record
 
 
-def read_records_file(path: str | Path) -> list[dict[str, Any]]:
+def read_records_file(path: str | Path, *, on_derived_id: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     try:
         with open(path, "rb") as f:
-            return list(read_records(f, str(path)))
+            return list(read_records(f, str(path), on_derived_id=on_derived_id))
     except OSError as e:
         raise ArtifactError(f"{path}: {e.strerror}") from None
 

@@ -127,7 +127,11 @@ def load_template(name_or_file: str) -> Template:
 # -- rendering ---------------------------------------------------------------------------
 
 def _record_id(record: dict[str, Any]) -> Any:
-    return record.get("id")
+    """A record's id; every record needs one (records read from files always have one)."""
+    if record.get("id") is None:
+        raise FlamingoError(f"a record has no 'id' (it seeds the record's shots and joins its results): "
+                            f"{', '.join(sorted(record))[:120]}")
+    return record["id"]
 
 
 class _Fields:

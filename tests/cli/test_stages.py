@@ -461,3 +461,23 @@ def test_a_full_cache_is_one_line_naming_the_file(world, full_disk):
     assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
     assert r.stderr.startswith(f"Error: {full_disk}/") and "cannot write (No space left on device)" in r.stderr
     assert sorted(p.name for p in full_disk.rglob("*") if p.is_file()) == ["filler"]
+
+
+def test_records_without_an_id_are_named_by_their_line_and_told_once(world):
+    """The one rule for every stage: no id means SOURCE:LINE, said once per source; an id that is
+    neither a string nor an integer is an error."""
+    root, env = world
+    shots = records((root / "shots.jsonl").read_text())
+    anonymous = "".join(json.dumps({k: v for k, v in s.items() if k != "id"}) + "\n" for s in shots[:3])
+    (root / "anonymous.jsonl").write_text(anonymous)
+    r = sh("flamingo prompt -k 2 --shots shots.jsonl < anonymous.jsonl", root, env, check=True)
+    out = records(r.stdout)
+    assert [o["id"] for o in out] == ["stdin:1", "stdin:2", "stdin:3"]
+    assert len({tuple(o["shots"]) for o in out}) > 1  # seeded by their own ids, not all alike
+    assert r.stderr == "flamingo: <stdin>: records without an 'id' are named by their line (stdin:1, ...)\n"
+    r = sh("flamingo prompt -k 2 --shots anonymous.jsonl anonymous.jsonl", root, env, check=True)
+    assert [o["id"] for o in records(r.stdout)] == ["anonymous.jsonl:1", "anonymous.jsonl:2", "anonymous.jsonl:3"]
+    assert r.stderr.count("records without an 'id'") == 2  # the queries' file and the shots' file
+    r = sh("""printf '{"id": ["a"], "image": "x.png"}\\n' | flamingo encode""", root, env)
+    assert r.returncode == 1
+    assert r.stderr == """Error: <stdin>: line 1: 'id' must be a non-empty string or an integer, got ["a"]\n"""
