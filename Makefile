@@ -20,15 +20,23 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -c "import timm, torchvision, flamingo_cli"
 	touch $@
 
-install: $(BIN)/.installed
+# man looks in PREFIX/share/man beside a PREFIX/bin on PATH. A wheel installs the pages there;
+# an editable install leaves data files out, so they are linked (and stay current).
+MANPAGES := $(wildcard man/*.1 man/*.5)
+$(VENV)/share/man/.linked: $(MANPAGES) | $(BIN)/.installed
+	mkdir -p $(VENV)/share/man/man1 $(VENV)/share/man/man5
+	for page in $(MANPAGES); do ln -sf "$(CURDIR)/$$page" "$(VENV)/share/man/man$${page##*.}/"; done
+	touch $@
 
-test: $(BIN)/.installed
+install: $(BIN)/.installed $(VENV)/share/man/.linked
+
+test: install
 	$(BIN)/python -m pytest -q
 
 # The main job on the bundled default model (trained by examples/toy on its shapes world):
 # few-shot captions by beam search, then shapes ranked by likelihood.
 TOY := examples/toy
-demo: $(BIN)/.installed
+demo: install
 	@echo "== flamingo encode $(TOY)/images/ | flamingo generate --shots $(TOY)/shots.jsonl" >&2
 	$(BIN)/flamingo encode -q $(TOY)/images/ | $(BIN)/flamingo generate -q --shots $(TOY)/shots.jsonl \
 		| $(BIN)/python $(TOY)/show.py output

@@ -26,6 +26,7 @@ class EncoderConfig:
     keep_cls: bool = False  # keep the prefix (CLS/register) tokens; OpenFlamingo drops them
     final_norm: bool = False  # tokens after the final norm; OpenFlamingo's weights saw them *before* it
     image_size: int | None = None  # input resolution; None = timm's data config (or a ViT's img_size)
+    random_init: bool = False  # weights drawn at random on purpose (tests, toy runs): the checkpoint says so
 
 
 @dataclass

@@ -1,4 +1,5 @@
 """The flamingo command as a user runs it: real subprocesses and click's runner."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +126,44 @@ def test_usage_lines_wrap_between_words():
     benchmarks once broke 'hatefulmemes' in two)."""
     for args in _commands(cli):
         assert _usage(args, 80).split() == _usage(args, 1000).split(), args
+
+
+def test_man_pages_are_installed_where_man_finds_them():
+    """man looks in PREFIX/share/man for a PREFIX/bin on PATH: the venv's included."""
+    installed = Path(sys.prefix) / "share" / "man"
+    for page in [*(ROOT / "man").glob("*.1"), *(ROOT / "man").glob("*.5")]:
+        target = installed / f"man{page.suffix[1:]}" / page.name
+        assert target.is_file() and target.read_bytes() == page.read_bytes(), target
+
+
+def test_shell_completion_works_as_the_readme_says():
+    assert 'eval "$(_FLAMINGO_COMPLETE=bash_source flamingo)"' in (ROOT / "README.md").read_text()
+    script = subprocess.run([str(Path(sys.executable).parent / "flamingo")], env={**os.environ,
+                            "_FLAMINGO_COMPLETE": "bash_source"}, capture_output=True, text=True)
+    assert script.returncode == 0 and "complete " in script.stdout and "_flamingo_completion" in script.stdout
+    words = subprocess.run([str(Path(sys.executable).parent / "flamingo")], capture_output=True, text=True,
+                           env={**os.environ, "_FLAMINGO_COMPLETE": "bash_complete", "COMP_WORDS": "flamingo gen",
+                                "COMP_CWORD": "1"})
+    assert words.returncode == 0 and "plain,generate" in words.stdout.splitlines()
+
+
+def test_an_encoder_never_gets_random_weights_by_accident(tmp_path, lm_dir):
+    from flamingo_cli.formats.checkpoint import read_config
+
+    lm, tiny = str(lm_dir("gpt2")), str(ROOT / "stages/init/tiny.yaml")
+    r = run("init", "--lm", lm, "--encoder", "test_vit", "-o", str(tmp_path / "bare"))
+    assert r.returncode == 2 and not (tmp_path / "bare").exists()
+    assert ("encoder test_vit has no weights: give --encoder-weights FILE, a pretrained tag (test_vit.TAG, "
+            "downloaded when online), or --random-encoder") in r.stderr
+    r = run("init", "--lm", lm, "--encoder", "test_vit", "--random-encoder", "-o", str(tmp_path / "random"))
+    assert r.returncode == 0, r.stderr
+    assert read_config(tmp_path / "random").encoder.random_init is True
+    # A pretrained tag means its weights: offline, an error that says how to supply them.
+    r = run("init", "-c", tiny, "--lm", lm, "--encoder", "vit_tiny_patch16_224.augreg_in21k", "-o", str(tmp_path / "t"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and not (tmp_path / "t").exists()
+    assert "offline, give a local file: init --encoder-weights" in r.stderr.splitlines()[-1]
+    # Naming the preset's own encoder keeps the preset's settings for it.
+    r = run("init", "-c", tiny, "--lm", lm, "--encoder", "test_vit", "-o", str(tmp_path / "same"))
+    assert r.returncode == 0, r.stderr
+    encoder = read_config(tmp_path / "same").encoder
+    assert encoder.kwargs == {"img_size": 64} and encoder.random_init is True
