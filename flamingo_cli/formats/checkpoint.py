@@ -342,11 +342,13 @@ def _inside(path: Path, directories: list[Path]) -> bool:
 
 
 def _replace_dir(new: Path, target: Path) -> None:
-    if not target.exists():
-        os.rename(new, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    with signals_deferred():  # between the two renames there is no checkpoint at `target`
+    # Signals wait until it is done: between the renames there is no checkpoint at `target`,
+    # and an interrupted clean-up would leave the old one behind.
+    with signals_deferred():
+        if not target.exists():
+            os.rename(new, target)
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
         os.rename(target, old / "x")
         os.rename(new, target)
-    shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
