@@ -273,13 +273,13 @@ def shot_prompts(queries: list[dict], shots_file: str, k: int, select: str, seed
     from click.core import ParameterSource
 
     from ..formats.artifacts import read_records_file
-    from ..inference.prompting import eligible_count, load_template, prompt_records
+    from ..inference.prompting import load_template, prompt_records, shots_available
 
     template = load_template(template_name)
     support = read_records_file(shots_file, on_derived_id=say_derived_ids)
     ctx = click.get_current_context()
     default_k = ctx.get_parameter_source("k") == ParameterSource.DEFAULT
-    short = sum(eligible_count(q, support) < k for q in queries) if default_k else 0
+    short = sum(n < k for n in shots_available(queries, support)) if default_k else 0
     if short and not quiet:
         click.echo(f"flamingo {ctx.info_name}: {shots_file} has fewer than the default {k} shots for {short} of "
                    f"{len(queries)} queries; their prompts use all it has (-k N requires N)", err=True)

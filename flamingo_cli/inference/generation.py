@@ -24,12 +24,12 @@ def check_prompt_record(record: dict) -> tuple[str, list[str]]:
     return prompt, media
 
 
-def check_context(model, record: dict, prompt_tokens: int, more: int, what: str) -> None:
+def check_context(model, name: str, prompt_tokens: int, more: int, what: str) -> None:
     """The prompt and what follows it must fit the LM's context: past it, positions the LM was
     never trained on give garbage, with only a transformers warning to show for it."""
     limit = model.context_length
     if limit is not None and prompt_tokens + more > limit:
-        raise ArtifactError(f"{record.get('id', '<record>')}: the prompt is {prompt_tokens} tokens and {what} "
+        raise ArtifactError(f"{name}: the prompt is {prompt_tokens} tokens and {what} "
                             f"{more} more: {prompt_tokens + more} is over the LM's context of {limit} tokens "
                             "(use fewer shots)")
 
@@ -47,7 +47,7 @@ def generate_records(model, records: list[dict], media: MediaResolver, *, num_be
     tokenizer.padding_side = "left"
     batch = tokenizer(texts, return_tensors="pt", padding=True).to(device)
     for record, length in zip(records, batch.attention_mask.sum(1).tolist()):
-        check_context(model, record, length, max_new_tokens, "--max-new-tokens allows")
+        check_context(model, record.get("id", "<record>"), length, max_new_tokens, "--max-new-tokens allows")
     visual = pad_media(visuals)
     with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None):
         new = model.generate(batch.input_ids, visual, attention_mask=batch.attention_mask, num_beams=num_beams,

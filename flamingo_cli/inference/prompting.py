@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 import string
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -317,19 +318,21 @@ def prompt_records(template: Template, queries: list[dict[str, Any]], support: l
     With at_most, k is an upper bound: a query with fewer eligible support records (its own
     id excluded) gets all of them; without it, that is an error."""
     vectors = rices_vectors(queries, support) if method == "rices" else None
+    available = shots_available(queries, support) if at_most else None
     out = []
     for i, query in enumerate(queries):
         kw = {} if vectors is None else {"query_vector": vectors[0][i], "support_vectors": vectors[1]}
-        shots = min(k, eligible_count(query, support)) if at_most and k > 0 else k
+        shots = min(k, available[i]) if available is not None and k > 0 else k
         out.extend(make_prompt_records(template, query, support, k=shots, method=method, seed=seed,
                                        ensembles=ensembles, **kw))
     return out
 
 
-def eligible_count(query: dict[str, Any], support: list[dict[str, Any]]) -> int:
-    """How many support records may be the query's shots: all but the query itself."""
-    qid = str(_record_id(query))
-    return sum(str(_record_id(s)) != qid for s in support)
+def shots_available(queries: list[dict[str, Any]], support: list[dict[str, Any]]) -> list[int]:
+    """For each query, how many support records may be its shots: all but those with its own id
+    (compared as text, as select_shots does)."""
+    ids = Counter(str(_record_id(s)) for s in support)
+    return [len(support) - ids[str(_record_id(q))] for q in queries]
 
 
 def rices_vectors(queries: list[dict[str, Any]], support: list[dict[str, Any]]):

@@ -12,19 +12,23 @@ from dataclasses import dataclass
 
 import torch
 
+from .generation import check_context, check_prompt_record
+
 NORMALIZATIONS = ("sum", "mean")
 CONTINUATION = " {candidate}<|endofchunk|>"
 
 
 @torch.no_grad()
 def score_candidates(model, prompt_ids: torch.Tensor, visual: torch.Tensor | None, candidates: list[str], *,
-                     normalize: str = "sum", batch_size: int = 32, continuation: str = CONTINUATION) -> list[float]:
+                     normalize: str = "sum", batch_size: int = 32, continuation: str = CONTINUATION,
+                     name: str = "<prompt>") -> list[float]:
     """Log-likelihood of each candidate as the continuation of one prompt.
 
     prompt_ids (1, T); visual (1, m, l, d) or None. Each candidate is tokenized as
     `continuation.format(candidate=c)`, so by default its closing <|endofchunk|> is
     scored too: that is what tells "red" from a prefix of "red circle".
-    normalize: "sum" (total log-likelihood) or "mean" (per candidate token).
+    normalize: "sum" (total log-likelihood) or "mean" (per candidate token). A prompt whose
+    longest candidate would run past the LM's context is an error naming it (`name`).
     """
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
@@ -33,6 +37,7 @@ def score_candidates(model, prompt_ids: torch.Tensor, visual: torch.Tensor | Non
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     token_ids = [candidate_ids(model.tokenizer, continuation, c) for c in candidates]
+    check_context(model, name, prompt_ids.shape[1], max(map(len, token_ids), default=0), "its longest candidate takes")
 
     prefix = model(prompt_ids, visual, use_cache=True)
     prompt = _Prompt(
@@ -58,16 +63,13 @@ def score_record(model, record: dict, media, candidates: list[str], *, continuat
                  dtype: torch.dtype | None = None) -> dict:
     """The `score` stage for one prompt record: the record plus `scores` {candidate: log-likelihood}
     and `prediction` (the best)."""
-    from .generation import check_context, check_prompt_record
-
     text, entries = check_prompt_record(record)
     ids = model.tokenizer(text, return_tensors="pt").input_ids.to(device)
-    longest = max(len(candidate_ids(model.tokenizer, continuation, c)) for c in candidates)
-    check_context(model, record, ids.shape[1], longest, "its longest candidate takes")
     visual = media.visuals(entries).unsqueeze(0) if entries else None
     with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None):
         values = score_candidates(model, ids, visual, list(candidates), normalize=normalize,
-                                  batch_size=batch_size, continuation=continuation)
+                                  batch_size=batch_size, continuation=continuation,
+                                  name=record.get("id", "<record>"))
     scores = dict(zip(candidates, values))
     return {**record, "scores": scores, "prediction": rank(scores)}
 
