@@ -35,7 +35,7 @@ def test_the_readmes_python_runs_as_written(tmp_path, monkeypatch):
     (tmp_path / "queries.jsonl").write_text("".join(json.dumps({"id": p.stem, "image": str(p)}) + "\n"
                                                     for p in images[:2]))
     shots = [json.loads(line) for line in (ROOT / "examples/toy/shots.jsonl").read_text().splitlines()]
-    (tmp_path / "shots.jsonl").write_text("".join(json.dumps({**s, "image": str(ROOT / s["image"])}) + "\n"
+    (tmp_path / "shots.jsonl").write_text("".join(json.dumps({**s, "image": str(ROOT / "examples/toy" / s["image"])}) + "\n"
                                                   for s in shots))
     monkeypatch.chdir(tmp_path)
     for i, block in enumerate(blocks):

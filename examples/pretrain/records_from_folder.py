@@ -7,6 +7,7 @@ writes OUT_DIR/pairs.jsonl (one image-caption pair per image) and OUT_DIR/docs.j
 like a web page), the record shapes `flamingo encode --wds` turns into training shards.
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ def main(images: str, out: str) -> None:
     for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES):
         caption = image.with_suffix(".txt")
         if caption.exists():
-            items.append((str(image), caption.read_text(encoding="utf-8").strip()))
+            items.append((os.path.relpath(image, out_dir), caption.read_text(encoding="utf-8").strip()))
     if not items:
         sys.exit(f"{folder}: no images with .txt captions")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ with DIR/shots/), the files `make demo` runs on.
 """
 import argparse
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -27,9 +28,10 @@ import world  # noqa: E402
 TRAIN_SEED = 0
 
 
-def write_image(item: world.Item, path: Path) -> str:
+def write_image(item: world.Item, path: Path, records_dir: Path) -> str:
+    """Save the image; its path as a record in records_dir names it (relative to that file)."""
     item.image().save(path)
-    return str(path)
+    return os.path.relpath(path, records_dir)
 
 
 def training_data(out: Path, pairs: int, docs: int) -> None:
@@ -40,12 +42,12 @@ def training_data(out: Path, pairs: int, docs: int) -> None:
     with open(out / "pairs.jsonl", "w", encoding="utf-8") as f:
         for i in range(pairs):
             item = world.random_item(rng)
-            path = write_image(item, images / f"pair-{i:06d}.png")
+            path = write_image(item, images / f"pair-{i:06d}.png", out)
             f.write(json.dumps({"id": f"pair-{i:06d}", "image": path, "caption": item.caption}) + "\n")
     with open(out / "docs.jsonl", "w", encoding="utf-8") as f:
         for i in range(docs):
             items, segments = world.document(rng)
-            paths = [write_image(it, images / f"doc-{i:06d}-{j}.png") for j, it in enumerate(items)]
+            paths = [write_image(it, images / f"doc-{i:06d}-{j}.png", out) for j, it in enumerate(items)]
             f.write(json.dumps({"id": f"doc-{i:06d}", "images": paths, "segments": segments}) + "\n")
 
 
@@ -57,11 +59,11 @@ def demo_files(out: Path) -> None:
     (out / "shots").mkdir(parents=True, exist_ok=True)
     queries = [world.random_item(rng) for _ in range(5)] + [world.random_item(rng, world.TEST_COMBOS) for _ in range(3)]
     for item in queries:
-        write_image(item, out / "images" / f"{item.colour}-{item.shape}.png")
+        write_image(item, out / "images" / f"{item.colour}-{item.shape}.png", out)
     with open(out / "shots.jsonl", "w", encoding="utf-8") as f:
         for i in range(16):
             item = world.random_item(rng)
-            path = write_image(item, out / "shots" / f"shot-{i:02d}.png")
+            path = write_image(item, out / "shots" / f"shot-{i:02d}.png", out)
             f.write(json.dumps({"id": f"shot-{i:02d}", "image": path, "caption": item.caption,
                                 "colour": item.colour, "shape": item.shape}) + "\n")
 

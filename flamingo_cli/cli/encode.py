@@ -28,9 +28,9 @@ def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, worke
            max_pixels, shard_size, dtype):
     """Encode images with the checkpoint's frozen vision encoder.
 
-    INPUTS are image files, directories (searched recursively, in sorted order) or -
-    for JSON Lines records with an `image` field on stdin; with no INPUTS, records are
-    read from stdin. Each output record passes its input fields through and adds
+    INPUTS are image files, directories (searched recursively, in sorted order),
+    records files (*.jsonl: JSON Lines records with an `image` field, its path relative
+    to the file) or - for records on stdin; with no INPUTS, records are read from stdin. Each output record passes its input fields through and adds
     `features` (PATH.safetensors#features, shaped frames x tokens x dim) and `encoder`.
     Features are cached by image content and encoder, so re-encoding is free.
     Records are written as each batch finishes. With --wds, it also writes feature
@@ -49,8 +49,8 @@ def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, worke
     setup(seed, quiet)
     records = []
     for item in inputs or ("-",):
-        if item == "-":
-            records += input_records("-")
+        if item == "-" or item.endswith(".jsonl"):
+            records += input_records(item)
         elif Path(item).is_dir():
             records += [{"id": str(p), "image": str(p)} for p in find_images(Path(item))]
         else:

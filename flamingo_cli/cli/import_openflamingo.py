@@ -14,15 +14,19 @@ from .core import init_config, quiet_libraries
               "from the checkpoint, and --lm is required.")
 @click.option("--lm", help="The LM the checkpoint was trained with: a local directory (or a hub id when online).")
 @click.option("--lm-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="dtype the frozen LM is held in.")
+@click.option("--encoder", help="The CLIP tower the checkpoint was trained with, as a timm name (e.g. "
+              "vit_base_patch32_clip_224.openai). Its width is the perceiver's, QuickGELU goes with OpenAI's weights, "
+              "and preprocessing is set to OpenFlamingo's where timm's differs (said on stderr). Default: the "
+              "preset's, vit_large_patch14_clip_224.openai.")
 @click.option("--encoder-weights", type=click.Path(dir_okay=False),
-              help="CLIP ViT-L/14 weights, in timm's or open_clip's layout (e.g. open_clip_pytorch_model.bin). "
-              "Default: timm's pretrained vit_large_patch14_clip_224.openai, downloaded.")
+              help="The encoder's weights, in timm's or open_clip's layout (e.g. open_clip_pytorch_model.bin). "
+              "Default: timm's pretrained weights for the encoder's name, downloaded.")
 @click.option("--take-lm-rows", is_flag=True,
               help="Where the file's embedding rows of the LM's own tokens differ from the LM's (a run that trained "
               "them all), use the file's, as OpenFlamingo does; they are stored in the checkpoint. Default: an error.")
 @click.option("--embed", is_flag=True, help="Copy the LM and encoder weights into the checkpoint.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory to write.")
-def import_openflamingo(checkpoint, config_path, lm, lm_dtype, encoder_weights, take_lm_rows, embed, out):
+def import_openflamingo(checkpoint, config_path, lm, lm_dtype, encoder, encoder_weights, take_lm_rows, embed, out):
     """Import CHECKPOINT, a file written by OpenFlamingo's training (checkpoint_*.pt) or a
     released OpenFlamingo checkpoint.pt, into a checkpoint directory that every stage reads.
 
@@ -33,6 +37,7 @@ def import_openflamingo(checkpoint, config_path, lm, lm_dtype, encoder_weights, 
     """
     from ..formats.checkpoint import save_checkpoint
     from ..importers.openflamingo import import_openflamingo as run_import
+    from ..importers.openflamingo import openflamingo_encoder
 
     quiet_libraries()
     config = init_config(config_path or "openflamingo-9b")
@@ -42,6 +47,8 @@ def import_openflamingo(checkpoint, config_path, lm, lm_dtype, encoder_weights, 
         raise click.UsageError("give --lm (the checkpoint's LM), or a preset with -c")
     if lm_dtype is not None:
         config.lm.dtype = lm_dtype
+    if encoder is not None and encoder != config.encoder.name:  # the preset's own encoder keeps its settings
+        config.encoder = openflamingo_encoder(encoder)
     if encoder_weights is not None:
         config.encoder.weights, config.encoder.pretrained = encoder_weights, False
     model, report = run_import(checkpoint, config, check_preset=config_path is not None, take_lm_rows=take_lm_rows)

@@ -4,7 +4,8 @@ This module is the only one that knows how records and tensors are laid out on d
 (man/flamingo-artifacts.5 documents the same, for users).
 
 Records: one JSON object per line, UTF-8, "\\n" after every line. Stages pass through
-every field they do not own.
+every field they do not own. A relative media path in a records file is relative to that
+file's directory; in a stream (stdin, a pipe), to the current directory.
 
 Tensors: safetensors files, referenced from records as "PATH#KEY". Each file's
 metadata names what made it (`encoder`, and for visual tokens the `checkpoint`), so a
@@ -78,11 +79,48 @@ def read_records(stream: IO[bytes] | IO[str], source: str, *,
 
 
 def read_records_file(path: str | Path, *, on_derived_id: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The records of a file, their relative media paths made relative to the current
+    directory (so `--shots /elsewhere/shots.jsonl` finds /elsewhere/shots/...)."""
     try:
         with open(path, "rb") as f:
-            return list(read_records(f, str(path), on_derived_id=on_derived_id))
+            records = list(read_records(f, str(path), on_derived_id=on_derived_id))
     except OSError as e:
         raise ArtifactError(f"{path}: {e.strerror}") from None
+    base = _file_dir(path)
+    if base is None:
+        return records
+    return [rebase_paths(r, lambda p: os.path.normpath(os.path.join(base, p))) for r in records]
+
+
+# Fields whose strings (or lists of strings) are media paths or tensor references.
+PATH_FIELDS = ("image", "images", "video", "videos", FEATURES, VISUAL, "media")
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def rebase_paths(record: dict[str, Any], move: Callable[[str], str]) -> dict[str, Any]:
+    """The record with `move` applied to every relative local path in its PATH_FIELDS (a
+    reference's file part); absolute paths and URLs are left as they are."""
+    def moved(value):
+        if isinstance(value, list):
+            return [moved(v) for v in value]
+        if not isinstance(value, str) or not value or os.path.isabs(value) or _URL.match(value):
+            return value
+        if is_ref(value):
+            path, key = split_ref(value)
+            return make_ref(move(path), key)
+        return move(value)
+
+    changed = {f: moved(record[f]) for f in PATH_FIELDS if f in record}
+    return {**record, **changed} if changed else record
+
+
+def _file_dir(path: str | Path) -> str | None:
+    """The directory a regular file's relative paths are relative to, or None where that is
+    the current directory already, or where `path` is a pipe (stdin, `<(...)`, a FIFO)."""
+    if not os.path.isfile(path):
+        return None
+    base = os.path.dirname(os.fspath(path))
+    return None if os.path.abspath(base or ".") == os.getcwd() else base
 
 
 def format_record(record: dict[str, Any]) -> str:
@@ -90,7 +128,13 @@ def format_record(record: dict[str, Any]) -> str:
 
 
 def write_records(stream: IO[str], records: Iterable[dict[str, Any]]) -> None:
-    """Write and flush, so a downstream `head -1` sees the first records as soon as they exist."""
+    """Write and flush, so a downstream `head -1` sees the first records as soon as they exist.
+    Into a regular file (open_output's temp file beside the output), relative media paths are
+    written relative to that file's directory, as read_records_file reads them back."""
+    name = getattr(stream, "name", None)
+    base = _file_dir(name) if isinstance(name, str) else None
+    if base is not None:
+        records = (rebase_paths(r, lambda p: os.path.relpath(p, base)) for r in records)
     stream.write("".join(format_record(r) for r in records))
     stream.flush()
 

@@ -105,7 +105,7 @@ def load_encoder(config: EncoderConfig, base: Path | None = None) -> VisionEncod
     try:
         model = timm.create_model(config.name, pretrained=pretrained, **config.kwargs)
     except Exception as e:
-        hint = (" (timm downloads pretrained weights; offline, give a local file: init --encoder-weights, or "
+        hint = (" (timm downloads pretrained weights; offline, give a local file with --encoder-weights, or "
                 "encoder.weights in a preset)") if pretrained else ""
         raise ConfigError(f"encoder {config.name!r}: {str(e).splitlines()[0]}{hint}") from None
     if config.weights:
@@ -135,6 +135,8 @@ def encoder_identity(config: EncoderConfig, base: Path | None = None) -> str:
     """Names the features an encoder makes: its timm name, options and weights, hashed.
     Tensor files carry it, so a checkpoint can refuse features from another encoder."""
     spec = {k: v for k, v in config.__dict__.items() if k not in ("weights", "random_init")}  # provenance only
+    if not spec["preprocess"]:
+        del spec["preprocess"]  # identities from before the field existed stay the same
     h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
     if config.weights:
         h.update(digest_file(_resolve(config.weights, base)).encode())

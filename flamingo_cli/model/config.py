@@ -27,6 +27,9 @@ class EncoderConfig:
     final_norm: bool = False  # tokens after the final norm; OpenFlamingo's weights saw them *before* it
     image_size: int | None = None  # input resolution; None = timm's data config (or a ViT's img_size)
     random_init: bool = False  # weights drawn at random on purpose (tests, toy runs): the checkpoint says so
+    # Overrides of timm's preprocessing (crop_pct, interpolation, mean, std): pixels as the
+    # weights were trained on them, where that was another codebase's transform (OpenFlamingo's).
+    preprocess: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -32,10 +32,11 @@ class VisionEncoder(nn.Module):
         return self.model.feature_info[-1]["num_chs"]
 
     def data_config(self) -> dict:
-        """timm's own preprocessing for this model: input size, interpolation, mean and std."""
+        """timm's own preprocessing for this model (input size, interpolation, crop, mean and std),
+        with the config's overrides."""
         import timm.data
 
-        config = timm.data.resolve_data_config({}, model=self.model)
+        config = {**timm.data.resolve_data_config({}, model=self.model), **self.config.preprocess}
         # timm's pretrained config keeps the default resolution when a ViT is built with another img_size.
         size = self.config.image_size or getattr(getattr(self.model, "patch_embed", None), "img_size", None)
         if size is not None:

@@ -163,7 +163,7 @@ def test_an_encoder_never_gets_random_weights_by_accident(tmp_path, lm_dir):
     r = runner.invoke(cli, ["init", "-c", tiny, "--lm", lm, "--encoder", "vit_tiny_patch16_224.augreg_in21k",
                             "-o", str(tmp_path / "t")])
     assert r.exit_code == 1 and not (tmp_path / "t").exists()
-    assert "offline, give a local file: init --encoder-weights" in r.output
+    assert "offline, give a local file with --encoder-weights" in r.output
     # Naming the preset's own encoder keeps the preset's settings for it.
     r = runner.invoke(cli, ["init", "-c", tiny, "--lm", lm, "--encoder", "test_vit", "-o", str(tmp_path / "same")])
     assert r.exit_code == 0, r.output

@@ -429,3 +429,29 @@ def test_records_without_an_id_are_named_by_their_line_and_told_once(world):
     r = sh("""printf '{"id": ["a"], "image": "x.png"}\\n' | flamingo encode""", root, env)
     assert r.returncode == 1
     assert r.stderr == """Error: <stdin>: line 1: 'id' must be a non-empty string or an integer, got ["a"]\n"""
+
+
+def test_media_paths_in_a_records_file_are_relative_to_that_file(world):
+    """Paths in a records file are relative to the file (in a pipe, to the current directory), so
+    the same prompts work from any directory, and a file written with -o reads back from anywhere."""
+    root, env = world
+    away = root / "away" / "deeper"
+    away.mkdir(parents=True, exist_ok=True)
+    (root / "queries.jsonl").write_text('{"id": "q", "image": "imgs/0-red.png"}\n')
+    prompt = "flamingo prompt -k 2"
+    here = records(sh(f"{prompt} --shots support.jsonl queries.jsonl", root, env, check=True).stdout)[0]
+    assert all(Path(root, m).is_file() for m in here["media"])
+
+    absolute = records(sh(f"{prompt} --shots {root}/support.jsonl ../../queries.jsonl", away, env, check=True).stdout)
+    assert absolute[0]["media"] == [str(root / m) for m in here["media"][:-1]] + ["../../" + here["media"][-1]]
+    piped = records(sh(f"{prompt} --shots <(cat support.jsonl) queries.jsonl", root, env, check=True).stdout)
+    assert piped[0]["media"] == here["media"]  # a pipe has no directory of its own
+
+    (away / "out").mkdir(exist_ok=True)
+    sh(f"{prompt} --shots ../../support.jsonl -o out/prompts.jsonl ../../queries.jsonl", away, env, check=True)
+    written = records((away / "out/prompts.jsonl").read_text())[0]
+    assert written["media"] == ["../../../" + m for m in here["media"]]
+    answer = "flamingo generate --max-new-tokens 3 -q"
+    from_root = records(sh(f"{prompt} --shots support.jsonl queries.jsonl | {answer}", root, env, check=True).stdout)
+    from_file = records(sh(f"{answer} away/deeper/out/prompts.jsonl", root, env, check=True).stdout)
+    assert [r["output"] for r in from_file] == [r["output"] for r in from_root]

@@ -319,3 +319,47 @@ def test_encoder_weights_in_any_of_open_clips_layouts(tmp_path, imported):
     reference, _ = imported("mpt")
     assert all(torch.equal(a, b) for a, b in zip(load_encoder(config).model.state_dict().values(),
                                                  reference.encoder.model.state_dict().values()))
+
+
+def test_an_encoder_by_name_sees_openflamingos_pixels_and_says_so():
+    """timm's ViT-B/32 CLIP config resizes to 248 and crops 224; OpenFlamingo (open_clip's
+    transform) resizes to 224 and crops. The importer's encoder gets OpenFlamingo's pixels, says
+    what it changed, and the checkpoint config keeps it."""
+    from torchvision import transforms
+
+    from flamingo_cli.formats.checkpoint import encoder_identity, load_encoder
+    from flamingo_cli.importers.openflamingo import (OPENFLAMINGO_PREPROCESS, match_openflamingo_preprocessing,
+                                                     openflamingo_encoder)
+
+    config = openflamingo_encoder("vit_base_patch32_clip_224.openai")
+    assert (config.kwargs, config.pretrained, config.keep_cls, config.final_norm) == (
+        {"act_layer": "quick_gelu"}, True, False, False)
+    assert openflamingo_encoder("vit_huge_patch14_clip_224.laion2b").kwargs == {}  # GELU, as LAION trained it
+    config.pretrained, config.random_init = False, True  # the pixels are under test, not the weights
+    encoder = load_encoder(config)
+    before = encoder_identity(config)
+    open_clip = transforms.Compose([
+        transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(224),
+        transforms.ToTensor(), transforms.Normalize(OPENFLAMINGO_PREPROCESS["mean"], OPENFLAMINGO_PREPROCESS["std"])])
+    image = Image.open(GOLDEN / "images" / "0.png").convert("RGB").resize((300, 200))
+    assert not torch.equal(encoder.transform()(image), open_clip(image))
+
+    (line,) = match_openflamingo_preprocessing(encoder)
+    assert line.startswith("warning: encoder vit_base_patch32_clip_224.openai's timm preprocessing differs")
+    assert "timm resizes to 248 and crops 224, OpenFlamingo resizes to 224" in line
+    assert torch.equal(encoder.transform()(image), open_clip(image))
+    assert match_openflamingo_preprocessing(encoder) == []
+    assert encoder_identity(encoder.config) != before  # features made with other pixels are other features
+    saved = FlamingoConfig.from_yaml(FlamingoConfig(encoder=encoder.config).to_yaml()).encoder
+    assert torch.equal(load_encoder(saved).transform()(image), open_clip(image))
+
+    # The ViT-L/14 of the released checkpoints already matches: nothing changes, nothing is said.
+    large = load_encoder(FlamingoConfig.from_yaml((GOLDEN / "preset.yaml").read_text()).encoder)
+    assert match_openflamingo_preprocessing(large) == [] and large.config.preprocess == {}
+
+
+def test_import_encoder_option_replaces_the_presets_encoder():
+    r = run("import", "openflamingo", str(GOLDEN / "llama" / "checkpoint.pt"), "--lm", str(GOLDEN / "llama" / "lm"),
+            "--encoder", "vit_base_patch32_clip_224.openai", "-o", "never")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("Error: encoder 'vit_base_patch32_clip_224.openai': ") and "--encoder-weights" in r.stderr
