@@ -73,3 +73,35 @@ def ids_for(model, text: str) -> torch.Tensor:
 
 def cache_of(output):
     return getattr(output, "cache", None) or getattr(output, "past_key_values")
+
+
+# Frame colours far apart in RGB, so a decoded frame names its index even through lossy codecs
+# and GIF's palette.
+FRAME_COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255),
+                 (255, 255, 255), (0, 0, 0)]
+CODECS = {"mp4": ("libx264", "yuv420p"), "webm": ("libvpx-vp9", "yuv420p"), "mkv": ("ffv1", "yuv420p"),
+          "avi": ("mpeg4", "yuv420p"), "mov": ("mjpeg", "yuvj420p"), "gif": ("gif", "rgb8")}
+
+
+def write_video(path, frames: list[int], fps: float = 4, size=(64, 48)) -> None:
+    """A video whose frame i is solid FRAME_COLOURS[frames[i]], in the container its suffix names."""
+    import fractions
+
+    import av
+    import numpy as np
+
+    codec, pix_fmt = CODECS[str(path).rsplit(".", 1)[-1]]
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=fractions.Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = *size, pix_fmt
+        for index in frames:
+            pixels = np.full((size[1], size[0], 3), FRAME_COLOURS[index], np.uint8)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        out.mux(stream.encode())
+
+
+def frame_index(image) -> int:
+    """Which FRAME_COLOURS entry a decoded frame shows."""
+    r, g, b = image.convert("RGB").getpixel((image.width // 2, image.height // 2))
+    return min(range(len(FRAME_COLOURS)),
+               key=lambda i: sum((x - y) ** 2 for x, y in zip((r, g, b), FRAME_COLOURS[i])))

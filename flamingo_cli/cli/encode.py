@@ -1,4 +1,4 @@
-"""`flamingo encode`: media files or records into feature references (and feature shards)."""
+"""`flamingo encode`: image and video files or records into feature references (and feature shards)."""
 from __future__ import annotations
 
 import click
@@ -7,7 +7,7 @@ from .core import (autocast_dtype, checkpoint_dir, dtype_option, input_records, 
                    stage_options)
 
 
-@click.command(short_help="Encode images into feature references.")
+@click.command(short_help="Encode images and videos into feature references.")
 @click.argument("inputs", nargs=-1, type=click.Path())
 @stage_options()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
@@ -23,19 +23,29 @@ from .core import (autocast_dtype, checkpoint_dir, dtype_option, input_records, 
               "(decompression bombs).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Samples per shard with --wds.")
+@click.option("--frames", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Frames per video clip (the paper: 30 at evaluation, 8 in training; -c train-video).")
+@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=3.0, show_default=True,
+              help="Frames per second within a clip (the paper: 3 at evaluation, 1 in training).")
+@click.option("--clip", type=click.Choice(["center", "random", "uniform"]), default="center", show_default=True,
+              help="Where a video's clip is: the window centred in it, a window at a random start (seeded by "
+              "--seed and the video's content), or frames spread uniformly over the whole video.")
 @dtype_option
 def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, workers, skip_bad, wds_pattern,
-           max_pixels, shard_size, dtype):
-    """Encode images with the checkpoint's frozen vision encoder.
+           max_pixels, shard_size, frames, fps, clip, dtype):
+    """Encode images and videos with the checkpoint's frozen vision encoder.
 
-    INPUTS are image files, directories (searched recursively, in sorted order),
-    records files (*.jsonl: JSON Lines records with an `image` field, its path relative
-    to the file) or - for records on stdin; with no INPUTS, records are read from stdin. Each output record passes its input fields through and adds
-    `features` (PATH.safetensors#features, shaped frames x tokens x dim) and `encoder`.
-    Features are cached by image content and encoder, so re-encoding is free.
-    Records are written as each batch finishes. With --wds, it also writes feature
-    shards for `flamingo pretrain` (records then come at the end; a document's
-    `features` is a list, one reference per entry of its `images`).
+    INPUTS are image or video files, directories (searched recursively, in sorted order),
+    records files (*.jsonl: JSON Lines records with an `image` or `video` field, its path
+    relative to the file) or - for records on stdin; with no INPUTS, records are read from
+    stdin. A video (mp4, webm, mkv, avi, mov, an animated GIF, ...) becomes a clip of
+    --frames frames --fps apart, each encoded on its own; a clip always has --frames frames
+    (past a short video's end, its last frame). Each output record passes its input fields
+    through and adds `features` (PATH.safetensors#features, shaped frames x tokens x dim)
+    and `encoder`. Features are cached by content, frame sampling and encoder, so
+    re-encoding is free. Records are written as each batch finishes. With --wds, it also
+    writes feature shards for `flamingo pretrain` (records then come at the end; a
+    document's `features` is a list, one reference per entry of its `images`).
     Runs as a single process.
     """
     from pathlib import Path
@@ -43,7 +53,8 @@ def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, worke
     from ..formats.artifacts import cache_dir, open_output, write_records
     from ..formats.checkpoint import load_checkpoint_encoder
     from ..inference.encoding import encode_records
-    from ..inference.media import find_images
+    from ..inference.media import find_media, media_record
+    from ..inference.video import FrameSampling
 
     single_process("encode")
     setup(seed, quiet)
@@ -52,28 +63,29 @@ def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, worke
         if item == "-" or item.endswith(".jsonl"):
             records += input_records(item)
         elif Path(item).is_dir():
-            records += [{"id": str(p), "image": str(p)} for p in find_images(Path(item))]
+            records += [media_record(str(p)) for p in find_media(Path(item))]
         else:
-            records.append({"id": item, "image": item})
+            records.append(media_record(item))
     if not records:
-        raise click.UsageError(f"no images found in {' '.join(inputs)}")
+        raise click.UsageError(f"no images or videos found in {' '.join(inputs)}")
     encoder, identity = load_checkpoint_encoder(checkpoint_dir(ckpt, quiet=quiet))
     encoder = encoder.to(device)
     skipped = []
     root = Path(out_dir) if out_dir else cache_dir()
     options = dict(root=root, batch_size=batch_size, workers=workers, skip_bad=skip_bad, device=device,
-                   dtype=autocast_dtype(dtype), on_skip=skipped.append, max_pixels=max_pixels)
+                   dtype=autocast_dtype(dtype), on_skip=skipped.append, max_pixels=max_pixels,
+                   sampling=FrameSampling(frames=frames, fps=fps, clip=clip, seed=seed))
     if wds_pattern:
-        from ..inference.encoding import media_paths, write_feature_shards
+        from ..inference.encoding import media_items, write_feature_shards
 
         if "%" not in wds_pattern:
             raise click.BadParameter("needs a %d-style shard number, e.g. out/shard-%06d.tar", param_hint="--wds")
-        total = sum(len(media_paths(r)) for r in records)
-        with progress(quiet, total=total, unit="img", desc="encode") as bar, open_output(output) as out:
+        total = sum(len(media_items(r)) for r in records)
+        with progress(quiet, total=total, unit="file", desc="encode") as bar, open_output(output) as out:
             write_records(out, write_feature_shards(encoder, identity, records, wds_pattern, maxcount=shard_size,
                                                     on_batch=bar.update, **options))
     else:
-        with progress(quiet, total=len(records), unit="img", desc="encode") as bar, open_output(output) as out:
+        with progress(quiet, total=len(records), unit="file", desc="encode") as bar, open_output(output) as out:
             for batch in encode_records(encoder, identity, records, **options):
                 write_records(out, batch)
                 bar.update(len(batch))

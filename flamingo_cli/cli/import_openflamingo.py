@@ -37,7 +37,7 @@ def import_openflamingo(checkpoint, config_path, lm, lm_dtype, encoder, encoder_
     """
     from ..formats.checkpoint import save_checkpoint
     from ..importers.openflamingo import import_openflamingo as run_import
-    from ..importers.openflamingo import openflamingo_encoder
+    from ..importers.clip_towers import openflamingo_encoder
 
     quiet_libraries()
     config = init_config(config_path or "openflamingo-9b")

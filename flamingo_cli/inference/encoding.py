@@ -1,7 +1,8 @@
 """The `encode` and `resample` stages as library functions: media -> tensor files -> records.
 
-Feature files are content-addressed (media bytes + encoder identity; features +
-checkpoint identity for visual tokens), so encoding the same image twice is free.
+Feature files are content-addressed (media bytes, a video's frame sampling, and the encoder
+identity; features + checkpoint identity for visual tokens), so encoding the same image or
+video twice is free.
 """
 from __future__ import annotations
 
@@ -12,39 +13,46 @@ import torch
 
 from ..formats.artifacts import FEATURES, POOLED, VISUAL, ArtifactError, digest_file, load_ref, make_ref, \
     save_tensors, split_ref, storage_errors, tensor_path
-from .media import MAX_PIXELS, ImageFiles
+from .media import MAX_PIXELS, MediaFiles
+from .video import EVAL_SAMPLING, FrameSampling
 
 
-def _media_path(record: dict) -> str:
-    if "video" in record and "image" not in record:
-        raise ArtifactError(f"{record.get('video')}: video decoding is not supported yet "
-                            "(the features format already has a frames axis)")
-    if not isinstance(record.get("image"), str):
-        raise ArtifactError(f"{record.get('id', '<record>')}: no image path (expected an 'image' field)")
-    return record["image"]
+def media_item(record: dict) -> tuple[str, str]:
+    """A record's one medium, ("image" | "video", path)."""
+    kinds = [k for k in ("image", "video") if isinstance(record.get(k), str)]
+    if len(kinds) != 1:
+        problem = "both an 'image' and a 'video'" if kinds else "no media path (expected an 'image' or 'video' field)"
+        raise ArtifactError(f"{record.get('id', '<record>')}: {problem}")
+    return kinds[0], record[kinds[0]]
 
 
 def encode_records(encoder, identity: str, records: list[dict], *, root: Path, batch_size: int = 16,
                    workers: int = 1, skip_bad: bool = False, device: str = "cpu", dtype: torch.dtype | None = None,
-                   on_skip: Callable[[str], None] | None = None,
-                   max_pixels: int | None = MAX_PIXELS) -> Iterator[list[dict]]:
-    """Encode each record's `image`; yield the records of each batch, in input order, with
-    `features` (a reference to (frames, tokens, d) features) and `encoder` added. An image over
-    `max_pixels` is refused unread (an error, or skipped with skip_bad)."""
-    paths = [_media_path(r) for r in records]
-    target = lambda digest: tensor_path(root, digest, identity)  # noqa: E731
-    dataset = ImageFiles(paths, encoder.transform(), lambda digest: target(digest).exists(),
-                         max_pixels=max_pixels)
+                   on_skip: Callable[[str], None] | None = None, max_pixels: int | None = MAX_PIXELS,
+                   sampling: FrameSampling = EVAL_SAMPLING) -> Iterator[list[dict]]:
+    """Encode each record's `image` or `video` (its frames sampled by `sampling`); yield the
+    records of each batch of `batch_size` media, in input order, with `features` (a reference to
+    (frames, tokens, d) features) and `encoder` added. Frames go through the encoder one by one,
+    `batch_size` frames a forward, across the batch's videos and images. Media over
+    `max_pixels` are refused undecoded (an error, or skipped with skip_bad)."""
+    items = [media_item(r) for r in records]
+    target = lambda key: tensor_path(root, key, identity)  # noqa: E731
+    dataset = MediaFiles(items, encoder.transform(), lambda key: target(key).exists(), max_pixels=max_pixels,
+                         sampling=sampling)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
     for batch in loader:
         fresh = [item for item in batch if item.get("pixels") is not None]
         if fresh:
-            pixels = torch.stack([item["pixels"] for item in fresh]).to(device)
+            frames = torch.cat([item["pixels"] for item in fresh])
             with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None):
-                features = encoder(pixels).float()  # (b, frames, tokens, d)
-            for item, f in zip(fresh, features):
-                save_tensors(target(item["digest"]), {FEATURES: f, POOLED: f.mean(dim=(0, 1))},
-                             {"encoder": identity, "source": str(paths[item["index"]]), "frames": str(f.shape[0])})
+                features = torch.cat([encoder(chunk.to(device)).float()[:, 0]  # (frames, tokens, d)
+                                      for chunk in frames.split(batch_size)])
+            for item, f in zip(fresh, features.split([len(item["pixels"]) for item in fresh])):
+                kind, path = items[item["index"]]
+                meta = {"encoder": identity, "source": str(path), "frames": str(f.shape[0])}
+                if kind == "video":
+                    meta.update(sampling=sampling.key(), times=",".join(f"{t:.3f}" for t in item["times"]))
+                save_tensors(target(item["digest"]), {FEATURES: f, POOLED: f.mean(dim=(0, 1))}, meta)
         out = []
         for item in batch:
             if "error" in item:
@@ -82,14 +90,14 @@ def resample_records(model, records: list[dict], *, root: Path, device: str = "c
     return out
 
 
-def media_paths(record: dict) -> list[str]:
-    """A training record's media: `images` (an interleaved document) or its one `image`."""
+def media_items(record: dict) -> list[tuple[str, str]]:
+    """A training record's media: the `images` of an interleaved document, or its one medium."""
     if "segments" in record or "images" in record:
         images = record.get("images")
         if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
             raise ArtifactError(f"{record.get('id', '<record>')}: an interleaved document needs an 'images' list")
-        return images
-    return [_media_path(record)]
+        return [("image", p) for p in images]
+    return [media_item(record)]
 
 
 def write_feature_shards(encoder, identity: str, records: list[dict], pattern: str, *, root: Path,
@@ -105,14 +113,14 @@ def write_feature_shards(encoder, identity: str, records: list[dict], pattern: s
 
     from ..formats.artifacts import feature_sample
 
-    flat = [{"image": path, "owner": i} for i, record in enumerate(records) for path in media_paths(record)]
+    flat = [{kind: path, "owner": i} for i, record in enumerate(records) for kind, path in media_items(record)]
     refs: dict[int, list[str]] = {i: [] for i in range(len(records))}
     for batch in encode_records(encoder, identity, flat, root=root, **encode_kw):
         for item in batch:
             refs[item["owner"]].append(item["features"])
         if on_batch:
             on_batch(len(batch))
-    complete = [i for i, record in enumerate(records) if len(refs[i]) == len(media_paths(record))]
+    complete = [i for i, record in enumerate(records) if len(refs[i]) == len(media_items(record))]
     Path(pattern % 0).parent.mkdir(parents=True, exist_ok=True)
     failed = []
 

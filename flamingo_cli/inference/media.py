@@ -1,6 +1,7 @@
-"""Media in, tensors out: decoding images, and resolving a prompt's media entries to visual tokens.
+"""Media in, tensors out: decoding images (videos: video.py), and resolving a prompt's media
+entries to visual tokens.
 
-A media entry is a visual-token reference, a feature reference or an image path
+A media entry is a visual-token reference, a feature reference, or an image or video path
 (see formats/artifacts.py). Resolved visual tokens are memoised per entry, so a support
 image shared by many prompts is loaded and resampled once.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..formats.artifacts import VISUAL, ArtifactError, digest_bytes, is_ref, load_ref, split_ref
+from .video import EVAL_SAMPLING, VIDEO_SUFFIXES, FrameSampling, is_video_file, read_video
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -62,35 +64,51 @@ def _without_pil_limit():
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def find_images(directory: Path) -> list[Path]:
-    """Image files below a directory, recursively, in sorted order."""
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def find_media(directory: Path) -> list[Path]:
+    """Image and video files below a directory, recursively, in sorted order."""
+    suffixes = IMAGE_SUFFIXES | VIDEO_SUFFIXES
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Reads, hashes, decodes and preprocesses images in DataLoader workers, so decoding
-    overlaps the encoder. A file already in the cache is hashed but not decoded."""
+def media_record(path: str) -> dict:
+    """The record of a media file named on a command line: a `video` or an `image`."""
+    return {"id": path, "video" if is_video_file(path) else "image": path}
 
-    def __init__(self, paths: list[str], transform, is_cached, max_pixels: int | None = MAX_PIXELS):
-        self.paths, self.transform, self.is_cached, self.max_pixels = paths, transform, is_cached, max_pixels
+
+class MediaFiles(torch.utils.data.Dataset):
+    """Reads, hashes, decodes, samples and preprocesses media in DataLoader workers, so decoding
+    overlaps the encoder. Each item is ("image" | "video", path); its pixels are (frames, 3, H, W),
+    one frame for an image. A file already in the cache is hashed but not decoded: a video's cache
+    key is its bytes and its frame sampling."""
+
+    def __init__(self, items: list[tuple[str, str]], transform, is_cached, max_pixels: int | None = MAX_PIXELS,
+                 sampling: FrameSampling = EVAL_SAMPLING):
+        self.items, self.transform, self.is_cached = items, transform, is_cached
+        self.max_pixels, self.sampling = max_pixels, sampling
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
-        path = self.paths[i]
+        kind, path = self.items[i]
         try:
             data = Path(path).read_bytes()
         except OSError as e:
             return {"index": i, "error": f"{path}: {e.strerror or 'cannot read'}"}
         digest = digest_bytes(data)
-        if self.is_cached(digest):
-            return {"index": i, "digest": digest, "pixels": None}
+        key = digest if kind == "image" else f"{digest}#{self.sampling.key()}"
+        if self.is_cached(key):
+            return {"index": i, "digest": key, "pixels": None}
         try:
-            pixels = self.transform(read_image(path, data, max_pixels=self.max_pixels))
+            if kind == "image":
+                pixels = self.transform(read_image(path, data, max_pixels=self.max_pixels)).unsqueeze(0)
+                times = [0.0]
+            else:
+                frames, times = read_video(path, self.sampling, data=data, content=digest, max_pixels=self.max_pixels)
+                pixels = torch.stack([self.transform(frame) for frame in frames])
         except ArtifactError as e:
             return {"index": i, "error": str(e)}
-        return {"index": i, "digest": digest, "pixels": pixels}
+        return {"index": i, "digest": key, "pixels": pixels, "times": times}
 
 
 def pad_media(media: list[torch.Tensor]) -> torch.Tensor | None:
@@ -122,12 +140,16 @@ class MediaResolver:
     def _encode(self, path: str) -> torch.Tensor:
         if self._encoder is None:
             if self.load_encoder is None:
-                raise ArtifactError(f"{path}: an image path needs the vision encoder, which is not loaded")
+                raise ArtifactError(f"{path}: a media path needs the vision encoder, which is not loaded")
             self._encoder = self.load_encoder().to(self.device)
         if self._transform is None:
             self._transform = self._encoder.transform()
-        pixels = self._transform(read_image(path)).unsqueeze(0).to(self.device)
-        return self._encoder(pixels)[0]  # (f, n, d)
+        if is_video_file(path):
+            frames, _ = read_video(path, EVAL_SAMPLING)
+        else:
+            frames = [read_image(path)]
+        pixels = torch.stack([self._transform(frame) for frame in frames]).to(self.device)
+        return self._encoder(pixels.unsqueeze(0))[0]  # (f, n, d)
 
     def visuals(self, entries: list[str]) -> torch.Tensor:
         """A prompt's media entries -> (m, latents, d); m may be 0."""
@@ -166,7 +188,8 @@ class MediaResolver:
 
 def load_for_inference(directory: str | Path, device: str = "cpu"):
     """A checkpoint as the stages use it: (model in eval mode, MediaResolver). The encoder is
-    loaded only when a media entry is an image path rather than features or visual tokens."""
+    loaded only when a media entry is an image or video path rather than features or visual
+    tokens; a video path is sampled as evaluation samples (30 frames at 3 FPS, centred)."""
     from ..formats.checkpoint import load_checkpoint, load_checkpoint_encoder
 
     model = load_checkpoint(directory, with_encoder=False).to(device).eval()

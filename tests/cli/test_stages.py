@@ -197,6 +197,7 @@ def _bad_inputs(root):
     (root / "latin1.jsonl").write_bytes(b'{"id": "a"}\n{"id": "caf\xe9"}\n')
     (root / "bomb.png").write_bytes(_png_header(30000, 30000))
     (root / "notes.png").write_text("not an image")
+    (root / "half.webm").write_bytes(b"\x1aE\xdf\xa3" + bytes(200))
 
     def prompt(media, text="<image>Output:"):
         return json.dumps({"id": "q1", "prompt": text, "media": media}).replace('"', '\\"')
@@ -222,6 +223,7 @@ def _bad_inputs(root):
         ("non-UTF-8 file", "flamingo resample latin1.jsonl", "latin1.jsonl: line 2: not UTF-8 text"),
         ("decompression bomb", "flamingo encode bomb.png",
          "bomb.png: the image claims 30000x30000 = 900,000,000 pixels, over the limit of 89,478,485"),
+        ("not a video", "flamingo encode half.webm", "half.webm: not a video ("),
         ("not an image, as a prompt's media", f'echo "{prompt(["notes.png"])}" | flamingo generate',
          "notes.png: not an image"),
         ("prompt past the context", f'echo "{prompt([good], "<image>" + "What colour is it? " * 200)}" '
@@ -245,7 +247,7 @@ def _png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-@pytest.mark.parametrize("case", range(17))
+@pytest.mark.parametrize("case", range(18))
 def test_bad_input_is_one_line_exit_1_and_no_traceback(world, case):
     root, env = world
     name, command, message = _bad_inputs(root)[case]
@@ -455,3 +457,52 @@ def test_media_paths_in_a_records_file_are_relative_to_that_file(world):
     from_root = records(sh(f"{prompt} --shots support.jsonl queries.jsonl | {answer}", root, env, check=True).stdout)
     from_file = records(sh(f"{answer} away/deeper/out/prompts.jsonl", root, env, check=True).stdout)
     assert [r["output"] for r in from_file] == [r["output"] for r in from_root]
+
+
+def test_videos_flow_through_every_stage_beside_images(world):
+    """encode takes videos (files, directories mixed with images, `video` records); prompts mix
+    videos and images; a video path in a prompt is sampled as encode samples it by default."""
+    from conftest import write_video
+
+    from flamingo_cli.formats.artifacts import load_ref
+
+    root, env = world
+    clips = root / "clips"
+    clips.mkdir(exist_ok=True)
+    write_video(clips / "a.mp4", [0, 1, 2, 3, 4, 5, 6, 7], fps=4)
+    write_video(clips / "b.gif", [3, 2, 1, 0], fps=2)
+    Image.new("RGB", (40, 40), "red").save(clips / "c.png")
+    out = records(sh("flamingo encode --frames 6 --fps 2 clips/", root, env, check=True).stdout)
+    assert [(r["id"], "video" in r) for r in out] == [("clips/a.mp4", True), ("clips/b.gif", True),
+                                                     ("clips/c.png", False)]
+    assert [load_ref(r["features"])[0].shape[0] for r in out] == [6, 6, 1]
+
+    shots = [{"id": "s-a", "video": "clips/a.mp4", "caption": "colours change"},
+             {"id": "s-c", "image": "clips/c.png", "caption": "a red square"}]
+    (root / "video_shots.jsonl").write_text("".join(json.dumps(s) + "\n" for s in shots))
+    answer = "flamingo generate --shots video_shots.jsonl -k 2 --max-new-tokens 4 -q"
+    raw = records(sh(f"flamingo encode clips/b.gif | {answer}", root, env, check=True).stdout)
+    assert set(raw[0]["media"][:2]) == {"clips/a.mp4", "clips/c.png"} and raw[0]["media"][2] == "clips/b.gif"
+    # The same prompt from pre-encoded shots (encode's default sampling) answers the same.
+    sh("flamingo encode video_shots.jsonl -o video_shots.feats.jsonl", root, env, check=True)
+    encoded = records(sh(f"flamingo encode clips/b.gif | {answer.replace('video_shots', 'video_shots.feats')}",
+                         root, env, check=True).stdout)
+    assert [r["output"] for r in encoded] == [r["output"] for r in raw]
+    visual = records(sh("flamingo encode clips/a.mp4 | flamingo resample", root, env, check=True).stdout)
+    assert load_ref(visual[0]["visual"])[0].shape[0] == 16  # the checkpoint's latents, as for an image
+    scored = records(sh("flamingo encode clips/b.gif | flamingo prompt --shots video_shots.feats.jsonl -k 2 "
+                        "| flamingo score --candidates classes.txt -q", root, env, check=True).stdout)
+    assert set(scored[0]["scores"]) == {"red", "green", "blue"}
+
+
+def test_unreadable_videos_are_skipped_and_counted(world, tmp_path):
+    from conftest import write_video
+
+    root, env = world
+    write_video(tmp_path / "good.webm", [0, 1, 2])
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "noise.avi").write_bytes(bytes(range(256)) * 4)
+    r = sh(f"flamingo encode --skip-bad {tmp_path}", root, env, check=True)
+    assert [o["id"] for o in records(r.stdout)] == [str(tmp_path / "good.webm")]
+    assert r.stderr == (f"flamingo encode: skipped 2 unreadable file(s); first: {tmp_path}/empty.mp4: empty file, "
+                        "not a video\n")

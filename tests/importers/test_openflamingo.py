@@ -328,8 +328,8 @@ def test_an_encoder_by_name_sees_openflamingos_pixels_and_says_so():
     from torchvision import transforms
 
     from flamingo_cli.formats.checkpoint import encoder_identity, load_encoder
-    from flamingo_cli.importers.openflamingo import (OPENFLAMINGO_PREPROCESS, match_openflamingo_preprocessing,
-                                                     openflamingo_encoder)
+    from flamingo_cli.importers.clip_towers import (OPENFLAMINGO_PREPROCESS, match_openflamingo_preprocessing,
+                                                    openflamingo_encoder)
 
     config = openflamingo_encoder("vit_base_patch32_clip_224.openai")
     assert (config.kwargs, config.pretrained, config.keep_cls, config.final_norm) == (
