@@ -59,11 +59,17 @@ def _preset_entries_for(data: list[str], **named: tuple[str, ...]) -> list[list[
               help="Images kept per interleaved window.")
 @click.option("--p-next", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Per document, probability that text attends to the next image instead of the previous.")
+@click.option("--video-frames", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Frames per clip of a raw shard video (KEY.mp4, ...), from a window at a random start seeded by "
+              "--seed and the video's bytes.")
+@click.option("--video-fps", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Frames per second within such a clip (the paper: 8 frames at 1 FPS).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def pretrain(ckpt, run_dir, resume, data, weight, batch, steps, lr, warmup, weight_decay, grad_clip, gate_lr_mult,
-             save_every, dtype, split, workers, fsdp, grad_checkpointing, window, max_images, p_next, device, seed, quiet):
+             save_every, dtype, split, workers, fsdp, grad_checkpointing, window, max_images, p_next, video_frames,
+             video_fps, device, seed, quiet):
     """Pretrain on a weighted mixture of webdataset shards, as the paper does.
 
     Every step accumulates gradients from every dataset, each loss scaled by its
@@ -90,7 +96,8 @@ def pretrain(ckpt, run_dir, resume, data, weight, batch, steps, lr, warmup, weig
     specs = parse_specs(list(data), *_preset_entries_for(list(data), weight=weight, batch=batch))
     config = TrainConfig(steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip,
                          gate_lr_mult=gate_lr_mult, save_every=save_every, dtype=dtype, seed=seed)
-    sampling = SamplingConfig(window=window, max_images=max_images, p_next=p_next)
+    sampling = SamplingConfig(window=window, max_images=max_images, p_next=p_next, video_frames=video_frames,
+                              video_fps=video_fps)
     log = (lambda msg: click.echo(msg, err=True)) if dist.rank == 0 else (lambda msg: None)
     if resume and saved is None:
         log(f"flamingo pretrain: nothing to resume in {Path(run_dir)}; starting from {start}")

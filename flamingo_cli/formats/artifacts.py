@@ -328,12 +328,18 @@ def tensor_path(root: Path, content: str, identity: str) -> Path:
 
 # -- training shards ----------------------------------------------------------------------
 # A webdataset sample is `KEY.json` (the record: `caption` for a pair, `segments` for an
-# interleaved document, whose ints index its media) plus its media: raw images as
-# `KEY.jpg` (img2dataset's layout, medium 0) or `KEY.<i>.<ext>`, or precomputed features
+# interleaved document, whose ints index its media) plus its media: raw images or videos as
+# `KEY.jpg` / `KEY.mp4` (img2dataset's layout, medium 0) or `KEY.<i>.<ext>`, or precomputed features
 # as `KEY.features.safetensors` holding one (frames, tokens, d) tensor per medium, keyed
 # "0", "1", ..., with the encoder identity in its metadata.
 
 SHARD_FEATURES = "features.safetensors"
+SHARD_IMAGES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+SHARD_VIDEOS = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v"}
+
+
+class VideoBytes(bytes):
+    """A raw training video (`KEY.mp4`, ...): its bytes, told apart from a raw image's."""
 
 
 def feature_sample(key: str, record: dict, features: list, encoder: str) -> dict:
@@ -347,7 +353,8 @@ def feature_sample(key: str, record: dict, features: list, encoder: str) -> dict
 
 def read_sample(sample: dict) -> tuple[dict, list, str | None]:
     """(record, media, encoder) from a webdataset sample. media holds feature tensors when the
-    sample has precomputed features (encoder names their encoder), else raw image bytes."""
+    sample has precomputed features (encoder names their encoder), else raw image bytes and
+    VideoBytes."""
     key = sample.get("__key__", "<sample>")
     if "json" in sample:
         try:
@@ -370,9 +377,10 @@ def read_sample(sample: dict) -> tuple[dict, list, str | None]:
         except Exception as e:
             raise ArtifactError(f"{key}: unreadable features ({_short(e)})") from None
         return record, [tensors[str(i)] for i in range(len(tensors))], header.get("__metadata__", {}).get("encoder")
-    images = {}
+    media = {}
     for ext, data in sample.items():
         stem, _, suffix = ext.rpartition(".")
-        if f".{(suffix or ext).lower()}" in {".jpg", ".jpeg", ".png", ".webp", ".bmp"}:
-            images[int(stem) if stem.isdigit() else 0] = data
-    return record, [images[i] for i in sorted(images)], None
+        suffix = f".{(suffix or ext).lower()}"
+        if suffix in SHARD_IMAGES or suffix in SHARD_VIDEOS:
+            media[int(stem) if stem.isdigit() else 0] = VideoBytes(data) if suffix in SHARD_VIDEOS else data
+    return record, [media[i] for i in sorted(media)], None

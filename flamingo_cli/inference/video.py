@@ -47,6 +47,10 @@ TRAIN_SAMPLING = FrameSampling(frames=8, fps=1.0, clip="random")
 EVAL_SAMPLING = FrameSampling()
 
 
+class Clip(list):
+    """A decoded clip: its RGB PIL frames, in order (told apart from an image's raw bytes)."""
+
+
 def is_video_file(path: str | Path) -> bool:
     """A file a stage treats as a video: a video container's suffix, or an animated GIF."""
     path = Path(path)

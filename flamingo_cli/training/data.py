@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import FlamingoError
-from ..formats.artifacts import ArtifactError, read_sample
+from ..formats.artifacts import ArtifactError, VideoBytes, read_sample
 from .sampling import SamplingConfig, collate, interleaved_example, pair_example
 
 
@@ -116,9 +116,14 @@ def _raw_samples(urls: list[str], seed: int, log) -> Iterator[dict]:
 BAD_SAMPLE = (ArtifactError, ValueError, KeyError, TypeError)
 
 
-def make_example(sample: dict, tokenizer, sampling: SamplingConfig, rng: random.Random):
-    """(Example or None, media, encoder) for one webdataset sample; BAD_SAMPLE errors if unusable."""
+def make_example(sample: dict, tokenizer, sampling: SamplingConfig, rng: random.Random, seed: int = 0):
+    """(Example or None, media, encoder) for one webdataset sample; BAD_SAMPLE errors if unusable.
+    A raw video is decoded here, in the loader, into a Clip of sampling.video_frames frames
+    sampling.video_fps apart, from a window seeded by `seed` and the video's bytes."""
     record, media, encoder = read_sample(sample)
+    if any(isinstance(m, VideoBytes) for m in media):
+        media = [_clip(m, f"{sample.get('__key__', '<sample>')}: video", sampling, seed)
+                 if isinstance(m, VideoBytes) else m for m in media]
     if "segments" in record:
         segments = record["segments"]
         if not isinstance(segments, list) or any(isinstance(s, int) and not 0 <= s < len(media) for s in segments):
@@ -129,6 +134,14 @@ def make_example(sample: dict, tokenizer, sampling: SamplingConfig, rng: random.
     else:
         raise ArtifactError(f"{sample.get('__key__')}: neither a caption with an image nor segments")
     return example, media, encoder
+
+
+def _clip(data: bytes, name: str, sampling: SamplingConfig, seed: int):
+    from ..formats.artifacts import digest_bytes
+    from ..inference.video import Clip, FrameSampling, read_video
+
+    frames = FrameSampling(frames=sampling.video_frames, fps=sampling.video_fps, clip="random", seed=seed)
+    return Clip(read_video(name, frames, data=data, content=digest_bytes(data))[0])
 
 
 class ExampleStream:
@@ -155,7 +168,7 @@ class ExampleStream:
             self.stats.position += 1
             try:
                 rng = random.Random(f"{self.seed}\0{self.spec.name}\0{index}")
-                example, media, encoder = make_example(sample, self.tokenizer, self.sampling, rng)
+                example, media, encoder = make_example(sample, self.tokenizer, self.sampling, rng, self.seed)
             except BAD_SAMPLE as e:
                 self.stats.bad += 1
                 self.log(f"flamingo pretrain: {self.spec.name}: skipping sample {index}: {e}")
@@ -189,7 +202,8 @@ class _ShardWorkerSamples(torch.utils.data.IterableDataset):
                 key = f"{sample.get('__url__')}\0{sample.get('__key__')}\0{epoch}"
                 try:
                     example, media, encoder = make_example(
-                        sample, self.tokenizer, self.sampling, random.Random(f"{self.seed}\0{self.spec.name}\0{key}"))
+                        sample, self.tokenizer, self.sampling, random.Random(f"{self.seed}\0{self.spec.name}\0{key}"),
+                        self.seed)
                 except BAD_SAMPLE as e:
                     yield ("bad", str(e))
                     continue
@@ -261,26 +275,30 @@ def to_tensors(batch: list[tuple], pad_id: int) -> dict:
     return tensors
 
 
-class ImageEncoder:
-    """Raw shard images -> features with a checkpoint's frozen encoder, loaded on first use
-    (training from feature shards never loads it). One batched encoder call per batch."""
+class MediaEncoder:
+    """Raw shard media (image bytes, decoded video Clips) -> features with a checkpoint's frozen
+    encoder, loaded on first use (training from feature shards never loads it). Every frame of
+    the batch goes through one batched encoder call."""
 
     def __init__(self, load, device: str = "cpu"):
         self.load, self.device = load, device
         self.encoder = self.transform = None
 
-    def __call__(self, images: list[bytes]) -> list[torch.Tensor]:
+    def __call__(self, media: list) -> list[torch.Tensor]:
         from ..inference.media import read_image
+        from ..inference.video import Clip
 
         if self.encoder is None:
             self.encoder = self.load().to(self.device)
             self.transform = self.encoder.transform()
-        pixels = torch.stack([self.transform(read_image("<shard image>", data)) for data in images])
-        return list(self.encoder(pixels.to(self.device)))  # each (frames, tokens, d)
+        frames = [m if isinstance(m, Clip) else [read_image("<shard image>", m)] for m in media]
+        pixels = torch.stack([self.transform(frame) for clip in frames for frame in clip])
+        features = self.encoder(pixels.to(self.device))[:, 0]  # each frame on its own: (frames, tokens, d)
+        return list(features.split([len(clip) for clip in frames]))
 
 
 def batch_features(media: list[list], encode_images=None, device: str = "cpu") -> torch.Tensor | None:
-    """Per-example media (feature tensors, or raw image bytes run through `encode_images`)
+    """Per-example media (feature tensors, or raw media run through `encode_images`)
     -> (b, max media, frames, tokens, d) on `device`, zero padded."""
     from ..inference.media import pad_media
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .data import DatasetSpec, ExampleStream, ImageEncoder, ShardStream, check_shards
+from .data import DatasetSpec, ExampleStream, MediaEncoder, ShardStream, check_shards
 from .sampling import SamplingConfig
 from .trainer import CHECKPOINT_DIR, Distributed, TrainConfig, Trainer, truncate_metrics
 
@@ -49,7 +49,7 @@ def pretrain(start: str | Path, run_dir: str | Path, specs: list[DatasetSpec], s
     torch.manual_seed(config.seed)
     model = load_checkpoint(start, with_encoder=False).to(device)
     model.set_activation_checkpointing(grad_checkpointing)
-    encode_images = ImageEncoder(lambda: load_checkpoint_encoder(start)[0], device)
+    encode_images = MediaEncoder(lambda: load_checkpoint_encoder(start)[0], device)
     run.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(model, specs, sampling, config, run, dist=dist, encode_images=encode_images, log=log,
                       device=device, fsdp=fsdp)

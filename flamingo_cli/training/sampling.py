@@ -31,10 +31,14 @@ class SamplingConfig:
     p_next: float = 0.5  # per document: text attends to the next image instead of the previous
     p_space: float = 0.5  # pairs: leading space on the caption with this probability
     max_caption_tokens: int = 32  # pairs: caption tokens kept
+    video_frames: int = 8  # raw training videos: frames per clip, from a window at a seeded random start
+    video_fps: float = 1.0  # ... this many frames a second (the paper: 8 at 1 FPS)
 
     def __post_init__(self):
-        if self.window < 1 or self.max_images < 1 or self.max_caption_tokens < 1:
-            raise ValueError("window, max_images and max_caption_tokens must be >= 1")
+        if self.window < 1 or self.max_images < 1 or self.max_caption_tokens < 1 or self.video_frames < 1:
+            raise ValueError("window, max_images, max_caption_tokens and video_frames must be >= 1")
+        if self.video_fps <= 0:
+            raise ValueError("video_fps must be > 0")
         if not (0.0 <= self.p_next <= 1.0 and 0.0 <= self.p_space <= 1.0):
             raise ValueError("p_next and p_space must be probabilities in [0, 1]")
 

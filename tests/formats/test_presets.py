@@ -20,7 +20,7 @@ PRETRAIN_PRESETS = sorted((STAGES / "pretrain").glob("*.yaml"))
 
 PRETRAIN_OPTIONS = {"data", "weight", "batch", "steps", "lr", "warmup", "weight_decay", "grad_clip",
                     "gate_lr_mult", "save_every", "dtype", "grad_checkpointing", "window", "max_images",
-                    "p_next", "seed"}
+                    "p_next", "video_frames", "video_fps", "seed"}
 
 OPENFLAMINGO = {  # released models: (LM, cross-attention every N layers)
     "openflamingo-3b": ("mosaicml/mpt-1b-redpajama-200b", 1),

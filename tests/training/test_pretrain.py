@@ -366,3 +366,43 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_temp_dire
     assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
     assert r.stderr == f"Error: {root}/limited/checkpoint: cannot write the checkpoint (File too large)\n"
     assert [p.name for p in (root / "limited").iterdir()] == ["metrics.jsonl"]
+
+
+def test_video_pairs_train_alike_from_raw_shards_and_from_feature_shards(toy, tmp_path):
+    """Video-text pairs as webdataset KEY.mp4 + KEY.txt, decoded and sampled in the loader with the
+    encoder in the loop, train as the same clips encoded ahead by `encode --wds` with the same
+    sampling (a random window seeded by --seed and the video's bytes); a corrupt video is skipped."""
+    import webdataset as wds
+    from conftest import write_video
+
+    root, env = toy
+    videos = []
+    for i in range(6):
+        path = tmp_path / f"v{i}.mp4"
+        write_video(path, [(i + j) % 8 for j in range(10)], fps=4)
+        videos.append({"id": f"v{i}", "video": str(path), "caption": f"colours from {COLOURS[i]} on"})
+    (tmp_path / "videos.jsonl").write_text("".join(json.dumps(v) + "\n" for v in videos))
+    with wds.TarWriter(str(tmp_path / "raw-000000.tar")) as sink:
+        for v in videos:
+            sink.write({"__key__": v["id"], "mp4": Path(v["video"]).read_bytes(), "txt": v["caption"].encode()})
+    run(["flamingo", "encode", "-q", "--wds", f"{tmp_path}/features-%06d.tar", "--frames", "4", "--fps", "2",
+         "--clip", "random", "--seed", "3", "-o", "/dev/null", str(tmp_path / "videos.jsonl")], root, env)
+    runs = {}
+    for name, shards in (("raw", "raw-000000.tar"), ("features", "features-000000.tar")):
+        r = run(["flamingo", "pretrain", "-c", "tiny", "--run-dir", str(tmp_path / name), "--steps", "2", "-q",
+                 "--seed", "3", "--data", f"vtp={tmp_path / shards}", "--batch", "vtp=4", "--weight", "vtp=0.03",
+                 "--video-frames", "4", "--video-fps", "2"], root, env)
+        runs[name] = metrics(tmp_path / name / "metrics.jsonl"), r.stderr
+    (raw, _), (features, _) = runs["raw"], runs["features"]
+    assert [m["loss"]["vtp"] for m in raw] == pytest.approx([m["loss"]["vtp"] for m in features], abs=1e-5)
+
+    # A video the loader cannot decode is a bad sample (skipped and counted), not a crash.
+    import random
+
+    from flamingo_cli.tiny import tiny_tokenizer
+    from flamingo_cli.training.data import BAD_SAMPLE, make_example
+    from flamingo_cli.training.sampling import SamplingConfig
+
+    with pytest.raises(BAD_SAMPLE, match="broken: video: not a video"):
+        make_example({"__key__": "broken", "mp4": b"not a video", "txt": b"nothing"}, tiny_tokenizer(),
+                     SamplingConfig(), random.Random(0))
