@@ -351,7 +351,7 @@ def test_an_encoder_by_name_sees_openflamingos_pixels_and_says_so():
     assert match_openflamingo_preprocessing(encoder) == []
     assert encoder_identity(encoder.config) != before  # features made with other pixels are other features
     saved = FlamingoConfig.from_yaml(FlamingoConfig(encoder=encoder.config).to_yaml()).encoder
-    assert torch.equal(load_encoder(saved).transform()(image), open_clip(image))
+    assert saved.preprocess == encoder.config.preprocess and encoder_identity(saved) == encoder_identity(encoder.config)
 
     # The ViT-L/14 of the released checkpoints already matches: nothing changes, nothing is said.
     large = load_encoder(FlamingoConfig.from_yaml((GOLDEN / "preset.yaml").read_text()).encoder)
@@ -359,7 +359,12 @@ def test_an_encoder_by_name_sees_openflamingos_pixels_and_says_so():
 
 
 def test_import_encoder_option_replaces_the_presets_encoder():
-    r = run("import", "openflamingo", str(GOLDEN / "llama" / "checkpoint.pt"), "--lm", str(GOLDEN / "llama" / "lm"),
-            "--encoder", "vit_base_patch32_clip_224.openai", "-o", "never")
-    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
-    assert r.stderr.startswith("Error: encoder 'vit_base_patch32_clip_224.openai': ") and "--encoder-weights" in r.stderr
+    from click.testing import CliRunner
+
+    from flamingo_cli.cli import cli
+
+    r = CliRunner().invoke(cli, ["import", "openflamingo", str(GOLDEN / "llama" / "checkpoint.pt"), "--lm",
+                                 str(GOLDEN / "llama" / "lm"), "--encoder", "vit_base_patch32_clip_224.openai",
+                                 "-o", "never"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith("Error: encoder 'vit_base_patch32_clip_224.openai': ") and "--encoder-weights" in r.output

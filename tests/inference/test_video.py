@@ -110,19 +110,18 @@ def test_a_frame_over_the_pixel_limit_is_refused(tmp_path):
 
 def test_video_features_are_each_frame_through_the_encoder_on_its_own(tmp_path):
     """encode_records on a video = the bare encoder on each sampled frame, stacked."""
+    import timm
+    from PIL import Image
+
     from flamingo_cli.formats.artifacts import load_ref
     from flamingo_cli.inference.encoding import encode_records
     from flamingo_cli.model.config import EncoderConfig
     from flamingo_cli.model.vision_encoder import VisionEncoder
 
-    import timm
-
     torch.manual_seed(0)
     config = EncoderConfig(name="test_vit", image_size=32, random_init=True)
     encoder = VisionEncoder(config, timm.create_model("test_vit", img_size=32, num_classes=0))
     write_video(tmp_path / "clip.webm", FRAMES, fps=4)
-    from PIL import Image
-
     Image.new("RGB", (40, 30), (0, 0, 255)).save(tmp_path / "blue.png")
     sampling = FrameSampling(frames=6, fps=2)
     records = [{"id": "v", "video": str(tmp_path / "clip.webm")}, {"id": "i", "image": str(tmp_path / "blue.png")}]

@@ -389,7 +389,7 @@ def test_video_pairs_train_alike_from_raw_shards_and_from_feature_shards(toy, tm
          "--clip", "random", "--seed", "3", "-o", "/dev/null", str(tmp_path / "videos.jsonl")], root, env)
     runs = {}
     for name, shards in (("raw", "raw-000000.tar"), ("features", "features-000000.tar")):
-        r = run(["flamingo", "pretrain", "-c", "tiny", "--run-dir", str(tmp_path / name), "--steps", "2", "-q",
+        r = run(["flamingo", "pretrain", "-c", "tiny", "--run-dir", str(tmp_path / name), "--steps", "1", "-q",
                  "--seed", "3", "--data", f"vtp={tmp_path / shards}", "--batch", "vtp=4", "--weight", "vtp=0.03",
                  "--video-frames", "4", "--video-fps", "2"], root, env)
         runs[name] = metrics(tmp_path / name / "metrics.jsonl"), r.stderr
