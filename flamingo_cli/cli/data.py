@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-BENCHMARK_NAMES = ["vqav2", "okvqa", "vizwiz", "textvqa", "coco", "flickr30k", "hatefulmemes", "imagenet"]
+BENCHMARK_NAMES = ["vqav2", "okvqa", "vizwiz", "textvqa", "coco", "flickr30k", "hatefulmemes", "imagenet", "msvdqa",
+                   "msrvttqa", "ivqa"]
 
 
 @click.command(short_help="Turn a benchmark's own annotation files into query/support records.")
@@ -16,9 +17,10 @@ BENCHMARK_NAMES = ["vqav2", "okvqa", "vizwiz", "textvqa", "coco", "flickr30k", "
 @click.option("-o", "--output", default="-", show_default=True, help="Write records here (atomically); - is stdout.")
 def data(bench, root, split, n, seed, classes, output):
     """Read benchmark BENCH from ROOT, its download in the benchmark's native layout, and write
-    one record per example: `id`, `image`, `split` and the references its metric needs
-    (VQA: question, answers, answer; captioning: caption, captions; HatefulMemes: text,
-    label; ImageNet: label, synset). The layouts:
+    one record per example: `id`, `image` (video benchmarks: `video`), `split` and the
+    references its metric needs (VQA: question, answers, answer; captioning: caption,
+    captions; HatefulMemes: text, label; ImageNet: label, synset; MSVD-QA, MSRVTT-QA:
+    question, answer, label; iVQA: question, answers, answer). The layouts:
 
     \b
     vqav2         v2_OpenEnded_mscoco_{split}2014_questions.json, v2_mscoco_{split}2014_annotations.json,
@@ -30,6 +32,9 @@ def data(bench, root, split, n, seed, classes, output):
     flickr30k     dataset_flickr30k.json (Karpathy), flickr30k-images/<filename>
     hatefulmemes  {split}.jsonl (train, dev_seen, dev_unseen, test_seen, test_unseen), img/<id>.png
     imagenet      LOC_synset_mapping.txt, LOC_val_solution.csv, ILSVRC/Data/CLS-LOC/{train,val}/...
+    msvdqa        {split}_qa.json, youtube_mapping.txt, YouTubeClips/<clip>.avi
+    msrvttqa      {split}_qa.json, TrainValVideo/video<id>.mp4 (id < 7010), TestVideo/video<id>.mp4
+    ivqa          {split}.csv (video_id, question, answer1..answer5), videos/<video_id>.mp4
     """
     from ..evaluation.benchmarks import imagenet_classnames, read_benchmark, sample
     from ..formats.artifacts import open_output, write_records

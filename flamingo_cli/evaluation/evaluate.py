@@ -11,12 +11,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..formats.artifacts import ArtifactError
-from .metrics import cider_d, cut_at, roc_auc, strip_quotes, top1, vqa_accuracy
+from .metrics import cider_d, cut_at, exact_match, ivqa_accuracy, roc_auc, strip_quotes, top1, vqa_accuracy
 
-METRICS = ("vqa", "cider", "top1", "roc_auc")
+METRICS = ("vqa", "cider", "top1", "roc_auc", "exact", "ivqa")
 # The fields each metric reads its references from.
 REFERENCE_FIELDS = {"vqa": ("answers",), "cider": ("captions", "caption"), "top1": ("label",),
-                    "roc_auc": ("label", "label_id")}
+                    "roc_auc": ("label", "label_id"), "exact": ("label",), "ivqa": ("answers",)}
 
 
 @dataclass
@@ -105,13 +105,19 @@ def evaluate_records(records: list[dict], metric: str, *, post: PostProcess | No
     post = post or PostProcess()
     records = merge_ensembles(records)
     rows = [{"id": r["id"]} for r in records]
-    if metric == "vqa":
+    if metric in ("vqa", "ivqa"):
         for row, r in zip(rows, records):
             answers = _reference(r, metric)
             if not isinstance(answers, list) or not answers:
                 raise ArtifactError(f"{r['id']}: 'answers' must be a non-empty list of human answers")
             row["prediction"] = _answer(r, post)
-            row["score"] = vqa_accuracy(row["prediction"], answers, vqa_evaluator)
+            row["score"] = (vqa_accuracy(row["prediction"], answers, vqa_evaluator) if metric == "vqa"
+                            else ivqa_accuracy(row["prediction"], answers))
+        score = 100 * sum(row["score"] for row in rows) / len(rows)
+    elif metric == "exact":
+        for row, r in zip(rows, records):
+            row.update(prediction=_answer(r, post), label=str(_reference(r, metric)))
+            row["score"] = exact_match(row["prediction"], row["label"])
         score = 100 * sum(row["score"] for row in rows) / len(rows)
     elif metric == "cider":
         candidates, references = {}, {}

@@ -206,6 +206,22 @@ def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
     return (rank_sum - pos * (pos + 1) / 2) / (pos * neg)
 
 
+def exact_match(prediction: str, answer: str) -> float:
+    """Top-1 of an open-ended answer (MSVD-QA, MSRVTT-QA): 1 when the prediction is the
+    answer after the VQA answer normalisation of both (case, punctuation, articles, number
+    words), which only forgives a generation's surface form."""
+    return float(normalize_vqa_answer(prediction) == normalize_vqa_answer(answer))
+
+
+def ivqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """iVQA accuracy (Yang et al., ICCV 2021, section 5.1): min(#annotators who gave the
+    prediction / 2, 1) over the question's five answers, compared after the VQA normalisation."""
+    if not answers:
+        raise ValueError("no answers")
+    p = normalize_vqa_answer(prediction)
+    return min(sum(normalize_vqa_answer(a) == p for a in answers) / 2, 1.0)
+
+
 def top1(predictions: Sequence[str], labels: Sequence[str]) -> float:
     """Fraction of exact matches (after stripping surrounding whitespace)."""
     if not labels:

@@ -32,7 +32,8 @@ def copy_fixture(name: str, tmp_path: Path) -> Path:
 # -- registry ---------------------------------------------------------------------------
 
 def test_registry():
-    assert set(BENCHMARKS) == {"vqav2", "okvqa", "vizwiz", "textvqa", "coco", "flickr30k", "hatefulmemes", "imagenet"}
+    assert set(BENCHMARKS) == {"vqav2", "okvqa", "vizwiz", "textvqa", "coco", "flickr30k", "hatefulmemes", "imagenet",
+                               "msvdqa", "msrvttqa", "ivqa"}
     for name, bench in BENCHMARKS.items():
         assert bench.name == name
         assert bench.task in TASKS
@@ -50,6 +51,8 @@ def test_registry():
     ("flickr30k", "train", 2), ("flickr30k", "val", 1), ("flickr30k", "test", 2),
     ("hatefulmemes", "train", 3), ("hatefulmemes", "dev_seen", 2), ("hatefulmemes", "test_unseen", 2),
     ("imagenet", "val", 3),
+    ("msvdqa", "train", 2), ("msvdqa", "test", 2), ("msrvttqa", "val", 2), ("msrvttqa", "test", 3),
+    ("ivqa", "val", 1), ("ivqa", "test", 2),
 ])
 def test_common_schema(name, split, expected):
     records = read_benchmark(name, root(name), split)
@@ -58,7 +61,8 @@ def test_common_schema(name, split, expected):
     for r in records:
         assert r["id"].startswith(f"{name}-")
         assert r["split"] == split
-        assert isinstance(r["image"], str) and r["image"].startswith(str(root(name)))
+        media = r.get("video") if name in ("msvdqa", "msrvttqa", "ivqa") else r["image"]
+        assert isinstance(media, str) and media.startswith(str(root(name)))
     json.dumps(records)  # JSON-able
 
 
@@ -391,3 +395,55 @@ def test_the_data_command_offers_every_benchmark():
     from flamingo_cli.cli.data import BENCHMARK_NAMES
 
     assert sorted(BENCHMARK_NAMES) == sorted(BENCHMARKS)
+
+
+# -- video QA ---------------------------------------------------------------------------
+
+def test_msvdqa_maps_video_ids_to_msvd_clips():
+    records = read_benchmark("msvdqa", root("msvdqa"), "test")
+    assert records == [
+        {"id": "msvdqa-30933", "video": str(root("msvdqa") / "YouTubeClips" / "-8y1Q0rA3n8_108_115.avi"),
+         "split": "test", "question": "what is running on the grass?", "answer": "dog", "label": "dog",
+         "question_id": 30933, "video_id": 3},
+        {"id": "msvdqa-30934", "video": str(root("msvdqa") / "YouTubeClips" / "-7KMZQEsJW4_205_208.avi"),
+         "split": "test", "question": "who is dancing?", "answer": "woman", "label": "woman",
+         "question_id": 30934, "video_id": 2},
+    ]
+
+
+def test_msvdqa_unknown_video_and_bad_mapping(tmp_path):
+    copy = copy_fixture("msvdqa", tmp_path)
+    (copy / "test_qa.json").write_text('[{"answer": "x", "id": 5, "question": "q?", "video_id": 42}]')
+    with pytest.raises(ArtifactError, match="test_qa.json: video_id 42 is not in .*youtube_mapping.txt"):
+        read_benchmark("msvdqa", copy, "test")
+    (copy / "youtube_mapping.txt").write_text("clip-without-id\n")
+    with pytest.raises(ArtifactError, match=r"youtube_mapping.txt: line 1: expected 'CLIP vidN'"):
+        read_benchmark("msvdqa", copy, "train")
+
+
+def test_msrvttqa_finds_train_val_and_test_clips():
+    records = read_benchmark("msrvttqa", root("msrvttqa"), "test")
+    assert [(r["id"], Path(r["video"]).relative_to(root("msrvttqa")).as_posix(), r["label"]) for r in records] == [
+        ("msrvttqa-158581", "TestVideo/video7010.mp4", "music"),
+        ("msrvttqa-158582", "TestVideo/video9999.mp4", "two"),
+        ("msrvttqa-158583", "TestVideo/video7010.mp4", "man")]
+    val = read_benchmark("msrvttqa", root("msrvttqa"), "val")
+    assert Path(val[0]["video"]).relative_to(root("msrvttqa")).as_posix() == "TrainValVideo/video6513.mp4"
+
+
+def test_ivqa_keeps_five_answers_and_the_clip_bounds():
+    (record,) = read_benchmark("ivqa", root("ivqa"), "val")
+    assert record == {"id": "ivqa-val-0", "video": str(root("ivqa") / "videos" / "zz9Q0aaBc1d.mp4"), "split": "val",
+                      "question": "what colour, roughly?", "answers": ["red", "Red", "red.", "pink", "a red"],
+                      "answer": "red", "video_id": "zz9Q0aaBc1d", "start": 0.0, "end": 10.5}
+    test = read_benchmark("ivqa", root("ivqa"), "test")
+    assert [r["answer"] for r in test] == ["onion", "knife"]  # knife and saw tie: the first
+
+
+def test_ivqa_missing_column_and_empty_answer(tmp_path):
+    (tmp_path / "test.csv").write_text("video_id,question,answer1\nv,q?,a\n")
+    with pytest.raises(ArtifactError, match=r"test.csv: no column answer2, answer3, answer4, answer5"):
+        read_benchmark("ivqa", tmp_path, "test")
+    (tmp_path / "test.csv").write_text("video_id,question,answer1,answer2,answer3,answer4,answer5\nv,q?,a,b,c,,e\n")
+    with pytest.raises(ArtifactError, match=r"test.csv: row 2: empty answer4"):
+        read_benchmark("ivqa", tmp_path, "test")

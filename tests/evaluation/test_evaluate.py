@@ -90,3 +90,16 @@ def test_bad_input_is_one_line_on_stderr(stdin, args, needle):
     r = run(*args, stdin=stdin)
     assert r.returncode != 0 and r.stdout == ""
     assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_video_qa_metrics_through_evaluate_records():
+    from flamingo_cli.evaluation.evaluate import evaluate_records
+
+    records = [{"id": "a", "output": "A dog. Question: what", "label": "dog"},
+               {"id": "b", "output": "cat", "label": "dog"}]
+    summary, rows = evaluate_records(records, "exact", post=PostProcess(cut=["Question"]))
+    assert summary["score"] == 50.0 and [r["score"] for r in rows] == [1.0, 0.0]
+    records = [{"id": "a", "output": "red onion", "answers": ["onion", "onion", "red onion", "garlic", "onion"]},
+               {"id": "b", "output": "onion", "answers": ["onion", "onion", "red onion", "garlic", "onion"]}]
+    summary, rows = evaluate_records(records, "ivqa")
+    assert summary["score"] == 75.0 and [r["score"] for r in rows] == [0.5, 1.0]

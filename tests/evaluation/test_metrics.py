@@ -124,3 +124,21 @@ def test_top1_and_post_processing():
     assert cut_at("2, 3 Answer", ["Answer", ", "]) == "2"
     assert cut_at("no marker", ["Question"]) == "no marker"
     assert strip_quotes('a "quoted" word') == "a quoted word"
+
+
+def test_exact_match_forgives_only_surface_form():
+    from flamingo_cli.evaluation.metrics import exact_match
+
+    assert exact_match("A man.", "man") == 1.0 and exact_match("Two", "2") == 1.0
+    assert exact_match("a woman", "man") == 0.0 and exact_match("men", "man") == 0.0
+
+
+def test_ivqa_accuracy_by_hand():
+    from flamingo_cli.evaluation.metrics import ivqa_accuracy
+
+    answers = ["onion", "onion", "red onion", "garlic", "onion"]
+    assert ivqa_accuracy("onion", answers) == 1.0  # three annotators: capped at 1
+    assert ivqa_accuracy("red onion", answers) == 0.5  # one of five: 1/2
+    assert ivqa_accuracy("Garlic.", answers) == 0.5  # normalised like VQA answers
+    assert ivqa_accuracy("leek", answers) == 0.0
+    assert ivqa_accuracy("knife", ["knife", "scissors", "knife", "saw", "saw"]) == 1.0  # two: min(2/2, 1)

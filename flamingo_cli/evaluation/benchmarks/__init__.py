@@ -6,11 +6,13 @@ JSON-able record dicts for one split. Images are never opened or checked: a reco
 
 Every record has
   id      a string unique in the benchmark and split, prefixed by the benchmark name
-  image   the image path
+  image   the image path (video benchmarks: video, the video path)
   split   the split asked for
 and, by task,
   vqa             question, answers (all human answers, in file order), answer (the one
                   shown when the record is a demonstration), question_id (native id)
+  videoqa         question, answer, and label (the one answer, for top-1: MSVD-QA,
+                  MSRVTT-QA) or answers (iVQA's five)
   captioning      caption (first reference, stripped), captions (all, stripped),
                   image_id (native id)
   hatefulmemes    text, and where the split is labelled: label ("yes"/"no"), label_id (1/0)
@@ -25,6 +27,9 @@ Native layouts under `root` (see each reader's docstring for details):
   flickr30k    dataset_flickr30k.json (Karpathy split)
   hatefulmemes {split}.jsonl
   imagenet     LOC_synset_mapping.txt, LOC_val_solution.csv, ILSVRC/Data/CLS-LOC/{train,val}/
+  msvdqa       {split}_qa.json, youtube_mapping.txt, YouTubeClips/
+  msrvttqa     {split}_qa.json, TrainValVideo/, TestVideo/
+  ivqa         {split}.csv, videos/
 
 Anything wrong with the files (missing, malformed, a required field absent) and any
 unknown benchmark or split raises ArtifactError with a one-line message.
@@ -40,11 +45,12 @@ from typing import Any
 from ...formats.artifacts import ArtifactError
 from .captioning import read_coco, read_flickr30k
 from .classification import imagenet_classnames, read_hatefulmemes, read_imagenet
+from .videoqa import read_ivqa, read_msrvttqa, read_msvdqa
 from .vqa import read_okvqa, read_textvqa, read_vizwiz, read_vqav2
 
 __all__ = ["BENCHMARKS", "TASKS", "Benchmark", "imagenet_classnames", "read_benchmark", "sample"]
 
-TASKS = ("vqa", "captioning", "classification", "hatefulmemes")
+TASKS = ("vqa", "captioning", "classification", "hatefulmemes", "videoqa")
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,12 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               "Hateful Memes binary classification of meme image and text"),
     Benchmark("imagenet", "classification", ("train", "val"), read_imagenet,
               "ImageNet-1k (ILSVRC 2012) in Kaggle's layout"),
+    Benchmark("msvdqa", "videoqa", ("train", "val", "test"), read_msvdqa,
+              "MSVD-QA open-ended questions on MSVD clips"),
+    Benchmark("msrvttqa", "videoqa", ("train", "val", "test"), read_msrvttqa,
+              "MSRVTT-QA open-ended questions on MSR-VTT clips"),
+    Benchmark("ivqa", "videoqa", ("train", "val", "test"), read_ivqa,
+              "iVQA questions on instructional clips, five answers each"),
 )}
 
 
