@@ -17,9 +17,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-METRIC_NAMES = {"vqa": "VQA acc.", "cider": "CIDEr", "top1": "top-1", "roc_auc": "ROC-AUC"}
+METRIC_NAMES = {"vqa": "VQA acc.", "cider": "CIDEr", "top1": "top-1", "roc_auc": "ROC-AUC", "exact": "top-1",
+                "ivqa": "iVQA acc."}
 BENCH_NAMES = {"vqav2": "VQAv2", "okvqa": "OK-VQA", "vizwiz": "VizWiz", "textvqa": "TextVQA", "coco": "COCO",
-               "flickr30k": "Flickr30K", "hatefulmemes": "HatefulMemes", "imagenet": "ImageNet"}
+               "flickr30k": "Flickr30K", "hatefulmemes": "HatefulMemes", "imagenet": "ImageNet", "msvdqa": "MSVD-QA",
+               "msrvttqa": "MSRVTT-QA", "ivqa": "iVQA"}
 
 
 def collect(out: Path) -> dict:

@@ -1,11 +1,12 @@
 """Two benchmarks in miniature, in their native download layouts, from the toy world of examples/toy:
 pictures the bundled model can read, so a sweep on them shows real few-shot behaviour.
 
-    python examples/eval/toy_benchmarks.py DIR      # DIR/vqav2 (VQAv2 layout), DIR/hatefulmemes
+    python examples/eval/toy_benchmarks.py DIR      # DIR/vqav2 (VQAv2 layout), DIR/hatefulmemes, DIR/msrvttqa
 
 - vqav2: "What colour is the shape?" with ten human answers (eight agree).
 - hatefulmemes: the HatefulMemes layout with "hateful" meaning "the picture is red": a task
   the model can only learn from the demonstrations.
+- msrvttqa: the MSRVTT-QA layout, short H.264 clips of one toy shape, "What colour is the shape?".
 """
 from __future__ import annotations
 
@@ -58,6 +59,32 @@ def make_hatefulmemes(root: Path, n: int = 8) -> None:
         (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
 
 
+def make_msrvttqa(root: Path, n: int = 6, frames: int = 6) -> None:
+    """An MSRVTT-QA download in miniature: clips of one shape redrawn in each frame (2 FPS,
+    H.264), one colour question each; train clips are MSR-VTT's TrainValVideo, test its TestVideo."""
+    import av
+    import numpy as np
+
+    rng = random.Random(2)
+    for split, first in (("train", 0), ("test", 7010)):
+        folder = root / ("TrainValVideo" if first < 7010 else "TestVideo")
+        folder.mkdir(parents=True, exist_ok=True)
+        items = []
+        for i in range(n):
+            video_id, colour, shape = first + i, rng.choice(COLOURS), rng.choice(world.SHAPES)
+            with av.open(str(folder / f"video{video_id}.mp4"), "w") as out:
+                stream = out.add_stream("libx264", rate=2)
+                stream.width = stream.height = world.IMAGE_SIZE
+                stream.pix_fmt = "yuv420p"
+                for t in range(frames):
+                    picture = np.asarray(world.draw(colour, shape, seed=video_id * 100 + t).convert("RGB"))
+                    out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(picture), format="rgb24")))
+                out.mux(stream.encode())
+            items.append({"answer": colour, "id": 10 * video_id, "question": "what colour is the shape?",
+                          "video_id": video_id})
+        (root / f"{split}_qa.json").write_text(json.dumps(items))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dir", type=Path)
@@ -66,3 +93,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     make_vqav2(args.dir / "vqav2", args.questions)
     make_hatefulmemes(args.dir / "hatefulmemes", args.memes)
+    make_msrvttqa(args.dir / "msrvttqa")

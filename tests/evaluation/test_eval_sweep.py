@@ -10,7 +10,7 @@ EVAL = ROOT / "examples" / "eval"
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(EVAL))
 
-from toy_benchmarks import make_hatefulmemes, make_vqav2  # noqa: E402
+from toy_benchmarks import make_hatefulmemes, make_msrvttqa, make_vqav2  # noqa: E402
 
 
 def _env(**extra):
@@ -30,21 +30,28 @@ def test_the_sweep_writes_results_table_and_plot_and_resumes(tmp_path):
     make_hatefulmemes(tmp_path / "hm")
     out, cache = tmp_path / "out", tmp_path / "cache"
 
-    r = sweep(out, "vqav2", tmp_path / "vqav2", cache, SHOTS="0 2", SEEDS="0 1")
+    r = sweep(out, "vqav2", tmp_path / "vqav2", cache, SHOTS="2", SEEDS="0 1")
     assert r.returncode == 0, r.stdout + r.stderr
     r = sweep(out, "hatefulmemes", tmp_path / "hm", cache, SHOTS="2", SEEDS="0", ENSEMBLES="6")
     assert r.returncode == 0, r.stdout + r.stderr
+    make_msrvttqa(tmp_path / "msrvttqa", n=4)  # a video benchmark: clips through encode, prompt, generate
+    r = sweep(out, "msrvttqa", tmp_path / "msrvttqa", cache, SHOTS="0", SEEDS="0", SUPPORT="4")
+    assert r.returncode == 0, r.stdout + r.stderr
 
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"vqav2", "hatefulmemes"}
+    assert set(results) == {"vqav2", "hatefulmemes", "msrvttqa"}
+    assert results["msrvttqa"]["metric"] == "exact" and 0 <= results["msrvttqa"]["shots"]["0"]["mean"] <= 100
     assert results["vqav2"]["metric"] == "vqa" and results["hatefulmemes"]["metric"] == "roc_auc"
-    for k in ("0", "2"):
-        cell = results["vqav2"]["shots"][k]
-        assert cell["n_seeds"] == 2 and set(cell["seeds"]) == {"seed0", "seed1"}
-        assert 0 <= cell["mean"] <= 100 and cell["std"] >= 0
+    cell = results["vqav2"]["shots"]["2"]
+    assert cell["n_seeds"] == 2 and set(cell["seeds"]) == {"seed0", "seed1"}
+    assert 0 <= cell["mean"] <= 100 and cell["std"] >= 0
     table = (out / "results.md").read_text().splitlines()
     assert table[0] == "| benchmark | metric | 0-shot | 2-shot |"
-    assert table[2].startswith("| HatefulMemes | ROC-AUC |  | ") and table[3].startswith("| VQAv2 | VQA acc. | ")
+    assert table[2].startswith("| HatefulMemes | ROC-AUC |  | ") and table[4].startswith("| VQAv2 | VQA acc. |  | ")
+    assert table[3].startswith("| MSRVTT-QA | top-1 | ") and not table[3].startswith("| MSRVTT-QA | top-1 |  |")
+    video = [json.loads(p) for p in (out / "msrvttqa" / "prompts" / "0shot-seed0.jsonl").read_text().splitlines()]
+    assert len(video) == 4 and all(p["prompt"].count("<image>") == 1 and p["media"][0].endswith("#features")
+                                   for p in video)
     assert (out / "fewshot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Auditable: every prompt names its demonstrations, every prediction is kept with its score.
@@ -61,7 +68,7 @@ def test_the_sweep_writes_results_table_and_plot_and_resumes(tmp_path):
     # Resume: finished cells are not recomputed; a missing one is.
     stamps = {p: p.stat().st_mtime_ns for p in (out / "vqav2" / "cells").glob("*.json")}
     (out / "vqav2" / "cells" / "2shot-seed1.json").unlink()
-    r = sweep(out, "vqav2", tmp_path / "vqav2", cache, SHOTS="0 2", SEEDS="0 1")
+    r = sweep(out, "vqav2", tmp_path / "vqav2", cache, SHOTS="2", SEEDS="0 1")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("flamingo evaluate") == 1
     for path, stamp in stamps.items():
