@@ -21,7 +21,7 @@ METRIC_NAMES = {"vqa": "VQA acc.", "cider": "CIDEr", "top1": "top-1", "roc_auc":
                 "ivqa": "iVQA acc."}
 BENCH_NAMES = {"vqav2": "VQAv2", "okvqa": "OK-VQA", "vizwiz": "VizWiz", "textvqa": "TextVQA", "coco": "COCO",
                "flickr30k": "Flickr30K", "hatefulmemes": "HatefulMemes", "imagenet": "ImageNet", "msvdqa": "MSVD-QA",
-               "msrvttqa": "MSRVTT-QA", "ivqa": "iVQA"}
+               "msrvttqa": "MSRVTT-QA", "ivqa": "iVQA", "star": "STAR", "vatex": "VATEX", "youcook2": "YouCook2"}
 
 
 def collect(out: Path) -> dict:

@@ -17,6 +17,9 @@ from flamingo_cli.evaluation.benchmarks import (
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "benchmarks"
 
 
+VIDEO_BENCHMARKS = ("msvdqa", "msrvttqa", "ivqa", "star", "vatex", "youcook2")
+
+
 def root(name: str) -> Path:
     return FIXTURES / name
 
@@ -33,7 +36,7 @@ def copy_fixture(name: str, tmp_path: Path) -> Path:
 
 def test_registry():
     assert set(BENCHMARKS) == {"vqav2", "okvqa", "vizwiz", "textvqa", "coco", "flickr30k", "hatefulmemes", "imagenet",
-                               "msvdqa", "msrvttqa", "ivqa"}
+                               "msvdqa", "msrvttqa", "ivqa", "star", "vatex", "youcook2"}
     for name, bench in BENCHMARKS.items():
         assert bench.name == name
         assert bench.task in TASKS
@@ -52,7 +55,8 @@ def test_registry():
     ("hatefulmemes", "train", 3), ("hatefulmemes", "dev_seen", 2), ("hatefulmemes", "test_unseen", 2),
     ("imagenet", "val", 3),
     ("msvdqa", "train", 2), ("msvdqa", "test", 2), ("msrvttqa", "val", 2), ("msrvttqa", "test", 3),
-    ("ivqa", "val", 1), ("ivqa", "test", 2),
+    ("ivqa", "val", 1), ("ivqa", "test", 2), ("star", "val", 2), ("star", "test", 1),
+    ("vatex", "val", 2), ("vatex", "test", 1), ("youcook2", "train", 1), ("youcook2", "val", 2),
 ])
 def test_common_schema(name, split, expected):
     records = read_benchmark(name, root(name), split)
@@ -61,7 +65,7 @@ def test_common_schema(name, split, expected):
     for r in records:
         assert r["id"].startswith(f"{name}-")
         assert r["split"] == split
-        media = r.get("video") if name in ("msvdqa", "msrvttqa", "ivqa") else r["image"]
+        media = r.get("video") if name in VIDEO_BENCHMARKS else r["image"]
         assert isinstance(media, str) and media.startswith(str(root(name)))
     json.dumps(records)  # JSON-able
 
@@ -447,3 +451,53 @@ def test_ivqa_missing_column_and_empty_answer(tmp_path):
     (tmp_path / "test.csv").write_text("video_id,question,answer1,answer2,answer3,answer4,answer5\nv,q?,a,b,c,,e\n")
     with pytest.raises(ArtifactError, match=r"test.csv: row 2: empty answer4"):
         read_benchmark("ivqa", tmp_path, "test")
+
+
+def test_star_offers_its_choices_as_candidates_in_choice_order():
+    records = read_benchmark("star", root("star"), "val")
+    first = records[0]
+    assert first["id"] == "star-Interaction_T1_13"
+    assert first["video"] == str(root("star") / "Charades_v1_480" / "6H78U.mp4")
+    assert first["candidates"] == ["The closet/cabinet.", "The blanket.", "The clothes.", "The table."]
+    assert (first["label"], first["answer"], first["start"], first["end"]) == ("The closet/cabinet.",) * 2 + (11.1, 19.6)
+    assert records[1]["label"] == "The book." and records[1]["start"] == 2.0
+    (test,) = read_benchmark("star", root("star"), "test")
+    assert "label" not in test and len(test["candidates"]) == 4  # unlabelled split
+
+
+def test_star_answer_must_be_a_choice(tmp_path):
+    copy = copy_fixture("star", tmp_path)
+    items = json.loads((copy / "STAR_val.json").read_text())
+    items[1]["answer"] = "The hat."
+    (copy / "STAR_val.json").write_text(json.dumps(items))
+    with pytest.raises(ArtifactError, match=r"question Sequence_T1_31: the answer 'The hat.' is not one of its choices"):
+        read_benchmark("star", copy, "val")
+
+
+def test_vatex_english_captions():
+    records = read_benchmark("vatex", root("vatex"), "val")
+    assert records[0] == {"id": "vatex-Ptf_2VRj-V0_000122_000132",
+                          "video": str(root("vatex") / "videos" / "Ptf_2VRj-V0_000122_000132.mp4"), "split": "val",
+                          "caption": "A man is playing a drum set.",
+                          "captions": ["A man is playing a drum set.", "A person plays the drums in a room."],
+                          "video_id": "Ptf_2VRj-V0_000122_000132"}
+    assert [r["id"] for r in read_benchmark("vatex", root("vatex"), "test")] == ["vatex-Zz9_abcdeFG_000001_000011"]
+
+
+def test_youcook2_one_record_per_segment_of_the_split():
+    val = read_benchmark("youcook2", root("youcook2"), "val")
+    assert [(r["id"], r["caption"], r["start"], r["end"]) for r in val] == [
+        ("youcook2-GLd3aX16zBg-0", "spread margarine on two slices of white bread", 90.0, 102.0),
+        ("youcook2-GLd3aX16zBg-1", "place a slice of cheese on the bread", 114.0, 127.5)]
+    assert val[0]["video"] == str(root("youcook2") / "raw_videos" / "validation" / "113" / "GLd3aX16zBg.mp4")
+    (train,) = read_benchmark("youcook2", root("youcook2"), "train")
+    assert train["captions"] == ["boil the noodles"]
+
+
+def test_youcook2_bad_segment(tmp_path):
+    copy = copy_fixture("youcook2", tmp_path)
+    data = json.loads((copy / "youcookii_annotations_trainval.json").read_text())
+    data["database"]["xHr8X2Wpmno"]["annotations"][0]["segment"] = [5]
+    (copy / "youcookii_annotations_trainval.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=r"video xHr8X2Wpmno, annotation 0: segment should be \[start, end\]"):
+        read_benchmark("youcook2", copy, "train")

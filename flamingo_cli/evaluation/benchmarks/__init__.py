@@ -12,7 +12,8 @@ and, by task,
   vqa             question, answers (all human answers, in file order), answer (the one
                   shown when the record is a demonstration), question_id (native id)
   videoqa         question, answer, and label (the one answer, for top-1: MSVD-QA,
-                  MSRVTT-QA) or answers (iVQA's five)
+                  MSRVTT-QA) or answers (iVQA's five); STAR: candidates (its choices), label
+  captioning      (VATEX, YouCook2) as for images; YouCook2's segments add start, end
   captioning      caption (first reference, stripped), captions (all, stripped),
                   image_id (native id)
   hatefulmemes    text, and where the split is labelled: label ("yes"/"no"), label_id (1/0)
@@ -30,6 +31,9 @@ Native layouts under `root` (see each reader's docstring for details):
   msvdqa       {split}_qa.json, youtube_mapping.txt, YouTubeClips/
   msrvttqa     {split}_qa.json, TrainValVideo/, TestVideo/
   ivqa         {split}.csv, videos/
+  star         STAR_{split}.json, Charades_v1_480/
+  vatex        vatex_{training,validation}_v1.0.json, vatex_public_test_english_v1.1.json, videos/
+  youcook2     youcookii_annotations_trainval.json, raw_videos/
 
 Anything wrong with the files (missing, malformed, a required field absent) and any
 unknown benchmark or split raises ArtifactError with a one-line message.
@@ -43,9 +47,9 @@ from pathlib import Path
 from typing import Any
 
 from ...formats.artifacts import ArtifactError
-from .captioning import read_coco, read_flickr30k
+from .captioning import read_coco, read_flickr30k, read_vatex, read_youcook2
 from .classification import imagenet_classnames, read_hatefulmemes, read_imagenet
-from .videoqa import read_ivqa, read_msrvttqa, read_msvdqa
+from .videoqa import read_ivqa, read_msrvttqa, read_msvdqa, read_star
 from .vqa import read_okvqa, read_textvqa, read_vizwiz, read_vqav2
 
 __all__ = ["BENCHMARKS", "TASKS", "Benchmark", "imagenet_classnames", "read_benchmark", "sample"]
@@ -88,6 +92,12 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               "MSRVTT-QA open-ended questions on MSR-VTT clips"),
     Benchmark("ivqa", "videoqa", ("train", "val", "test"), read_ivqa,
               "iVQA questions on instructional clips, five answers each"),
+    Benchmark("star", "videoqa", ("train", "val", "test"), read_star,
+              "STAR situated-reasoning multiple-choice questions on Charades videos"),
+    Benchmark("vatex", "captioning", ("train", "val", "test"), read_vatex,
+              "VATEX English video captions"),
+    Benchmark("youcook2", "captioning", ("train", "val"), read_youcook2,
+              "YouCook2 captions of cooking-video segments"),
 )}
 
 

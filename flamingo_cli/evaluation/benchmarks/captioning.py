@@ -1,4 +1,5 @@
-"""The captioning benchmarks: COCO and Flickr30K in Karpathy's splits."""
+"""The captioning benchmarks: COCO and Flickr30K in Karpathy's splits, and for video VATEX
+and YouCook2."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -6,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ...formats.artifacts import ArtifactError
-from .files import ID_TYPES, check_unique, field, load_json, top_list
+from .files import ID_TYPES, check_unique, expect, field, load_json, top_list
 
 # -- Karpathy captioning splits ---------------------------------------------------------
 
@@ -75,3 +76,71 @@ def read_flickr30k(root: Path, split: str) -> list[dict]:
         lambda item, where: str(Path("flickr30k-images") / item["filename"]),
         lambda item, where: Path(item["filename"]).stem,
     )
+
+
+# -- video captioning -------------------------------------------------------------------
+
+def read_vatex(root: Path, split: str) -> list[dict]:
+    """VATEX English captions (Wang et al., ICCV 2019; eric-xw.github.io/vatex-website), splits
+    train, val and test (the public test set).
+
+    root/vatex_training_v1.0.json, vatex_validation_v1.0.json, vatex_public_test_english_v1.1.json
+        [{"videoID": "Ptf_2VRj-V0_000122_000132", "enCap": [10 English captions],
+          "chCap": [...]}, ...]
+        (videoID is the YouTube id, then the clip's start and end second)
+    root/videos/{videoID}.mp4
+
+    The metric is CIDEr-D over `captions` (enCap, stripped); `caption` is the first.
+    """
+    files = {"train": "vatex_training_v1.0.json", "val": "vatex_validation_v1.0.json",
+             "test": "vatex_public_test_english_v1.1.json"}
+    path = root / files[split]
+    items = expect(load_json(path), list, path, "top level")
+    records = []
+    for i, item in enumerate(items):
+        video_id = field(item, "videoID", str, path, f"item {i}")
+        where = f"video {video_id}"
+        captions = [expect(c, str, path, f"{where}, caption {j}").strip()
+                    for j, c in enumerate(field(item, "enCap", list, path, where))]
+        if not captions:
+            raise ArtifactError(f"{path}: {where} has no English captions")
+        records.append({"id": f"vatex-{video_id}", "video": str(root / "videos" / f"{video_id}.mp4"),
+                        "split": split, "caption": captions[0], "captions": captions, "video_id": video_id})
+    return check_unique(records, path)
+
+
+def read_youcook2(root: Path, split: str) -> list[dict]:
+    """YouCook2 segment captions (Zhou et al., AAAI 2018; youcook2.eecs.umich.edu), splits train
+    and val (its test annotations are not public).
+
+    root/youcookii_annotations_trainval.json
+        {"database": {"GLGh_mDyWNI": {"subset": "training" | "validation", "recipe_type": "113",
+                      "duration", "video_url",
+                      "annotations": [{"id": 0, "segment": [90, 102], "sentence"}, ...]}, ...}}
+    root/raw_videos/{training,validation}/{recipe_type}/{video_id}.mp4
+
+    One record per annotated segment (start and end in seconds, which bound the clip), with its
+    one sentence as `caption` and `captions`; the metric is CIDEr-D.
+    """
+    path = root / "youcookii_annotations_trainval.json"
+    database = field(load_json(path), "database", dict, path, "top-level object")
+    subset = {"train": "training", "val": "validation"}[split]
+    records = []
+    for video_id, video in database.items():
+        where = f"video {video_id}"
+        if field(video, "subset", str, path, where) != subset:
+            continue
+        recipe = field(video, "recipe_type", str, path, where)
+        for j, segment in enumerate(field(video, "annotations", list, path, where)):
+            at = f"{where}, annotation {j}"
+            bounds = field(segment, "segment", list, path, at)
+            if len(bounds) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds):
+                raise ArtifactError(f"{path}: {at}: segment should be [start, end] in seconds, got {bounds!r}")
+            sentence = field(segment, "sentence", str, path, at).strip()
+            records.append({
+                "id": f"youcook2-{video_id}-{field(segment, 'id', int, path, at)}",
+                "video": str(root / "raw_videos" / subset / recipe / f"{video_id}.mp4"),
+                "split": split, "caption": sentence, "captions": [sentence], "video_id": video_id,
+                "start": float(bounds[0]), "end": float(bounds[1]),
+            })
+    return check_unique(records, path)

@@ -1,4 +1,4 @@
-"""The open-ended video QA benchmarks: MSVD-QA, MSRVTT-QA and iVQA.
+"""The video QA benchmarks: MSVD-QA, MSRVTT-QA and iVQA (open-ended), STAR (multiple choice).
 
 Videos are not part of these releases (they come from MSVD, MSR-VTT and YouTube): each
 reader names where it expects them under `root`, in the layout the video datasets ship in.
@@ -126,5 +126,53 @@ def read_ivqa(root: Path, split: str) -> list[dict]:
                     record[bound] = float(row[bound])
                 except ValueError:
                     raise ArtifactError(f"{path}: {where}: {bound} should be a number, got {row[bound]!r}") from None
+        records.append(record)
+    return check_unique(records, path)
+
+
+# -- STAR (Wu et al., "STAR: A Benchmark for Situated Reasoning in Real-World Videos",
+# NeurIPS 2021 Datasets and Benchmarks; bobbywu.com/STAR)
+
+def read_star(root: Path, split: str) -> list[dict]:
+    """STAR multiple-choice questions, splits train, val and test.
+
+    root/STAR_{split}.json
+        [{"question_id": "Interaction_T1_13", "question", "video_id": "6H78U", "start", "end",
+          "answer": "The closet/cabinet.",
+          "choices": [{"choice_id": 0, "choice": "The closet/cabinet."}, ...], ...}, ...]
+        (the test split has no "answer")
+    root/Charades_v1_480/{video_id}.mp4   (Charades, whose videos STAR's situations come from)
+
+    Close-ended: `candidates` are the four choices, in choice_id order, and `score` ranks them;
+    the metric is top-1 over `label`, the answer. start and end (seconds) bound the situation.
+    """
+    path = root / f"STAR_{split}.json"
+    items = expect(load_json(path), list, path, "top level")
+    records = []
+    for i, item in enumerate(items):
+        qid = field(item, "question_id", ID_TYPES, path, f"item {i}")
+        where = f"question {qid}"
+        choices = sorted(field(item, "choices", list, path, where),
+                         key=lambda c: field(c, "choice_id", int, path, f"{where}, a choice"))
+        candidates = [field(c, "choice", str, path, f"{where}, choice {c['choice_id']}") for c in choices]
+        if len(candidates) < 2:
+            raise ArtifactError(f"{path}: {where} has {len(candidates)} choice(s), expected several")
+        video_id = field(item, "video_id", str, path, where)
+        record = {
+            "id": f"star-{qid}",
+            "video": str(root / "Charades_v1_480" / f"{video_id}.mp4"),
+            "split": split,
+            "question": field(item, "question", str, path, where),
+            "candidates": candidates,
+            "question_id": qid,
+            "video_id": video_id,
+            "start": float(field(item, "start", (int, float), path, where)),
+            "end": float(field(item, "end", (int, float), path, where)),
+        }
+        if "answer" in item:
+            answer = field(item, "answer", str, path, where)
+            if answer not in candidates:
+                raise ArtifactError(f"{path}: {where}: the answer {answer!r} is not one of its choices")
+            record.update(answer=answer, label=answer)
         records.append(record)
     return check_unique(records, path)
