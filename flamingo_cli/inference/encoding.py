@@ -26,16 +26,29 @@ def media_item(record: dict) -> tuple[str, str]:
     return kinds[0], record[kinds[0]]
 
 
+def clip_span(record: dict) -> tuple[float, float] | None:
+    """A video record's segment, from its `start` and `end` (seconds), or None for all of it."""
+    if "start" not in record and "end" not in record:
+        return None
+    start, end = record.get("start", 0.0), record.get("end", float("inf"))
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (start, end)) or not start < end:
+        raise ArtifactError(f"{record.get('id', '<record>')}: 'start' and 'end' should be seconds with start < end, "
+                            f"got {start!r} and {end!r}")
+    return float(start), float(end)
+
+
 def encode_records(encoder, identity: str, records: list[dict], *, root: Path, batch_size: int = 16,
                    workers: int = 1, skip_bad: bool = False, device: str = "cpu", dtype: torch.dtype | None = None,
                    on_skip: Callable[[str], None] | None = None, max_pixels: int | None = MAX_PIXELS,
                    sampling: FrameSampling = EVAL_SAMPLING) -> Iterator[list[dict]]:
-    """Encode each record's `image` or `video` (its frames sampled by `sampling`); yield the
+    """Encode each record's `image` or `video` (its frames sampled by `sampling`, from its
+    `start`..`end` segment when it has one); yield the
     records of each batch of `batch_size` media, in input order, with `features` (a reference to
     (frames, tokens, d) features) and `encoder` added. Frames go through the encoder one by one,
     `batch_size` frames a forward, across the batch's videos and images. Media over
     `max_pixels` are refused undecoded (an error, or skipped with skip_bad)."""
-    items = [media_item(r) for r in records]
+    items = [(kind, path, clip_span(r) if kind == "video" else None) for r in records
+             for kind, path in [media_item(r)]]
     target = lambda key: tensor_path(root, key, identity)  # noqa: E731
     dataset = MediaFiles(items, encoder.transform(), lambda key: target(key).exists(), max_pixels=max_pixels,
                          sampling=sampling)
@@ -48,10 +61,12 @@ def encode_records(encoder, identity: str, records: list[dict], *, root: Path, b
                 features = torch.cat([encoder(chunk.to(device)).float()[:, 0]  # (frames, tokens, d)
                                       for chunk in frames.split(batch_size)])
             for item, f in zip(fresh, features.split([len(item["pixels"]) for item in fresh])):
-                kind, path = items[item["index"]]
+                kind, path, span = items[item["index"]]
                 meta = {"encoder": identity, "source": str(path), "frames": str(f.shape[0])}
                 if kind == "video":
                     meta.update(sampling=sampling.key(), times=",".join(f"{t:.3f}" for t in item["times"]))
+                    if span is not None:
+                        meta["span"] = f"{span[0]:g}-{span[1]:g}"
                 save_tensors(target(item["digest"]), {FEATURES: f, POOLED: f.mean(dim=(0, 1))}, meta)
         out = []
         for item in batch:

@@ -77,9 +77,9 @@ def media_record(path: str) -> dict:
 
 class MediaFiles(torch.utils.data.Dataset):
     """Reads, hashes, decodes, samples and preprocesses media in DataLoader workers, so decoding
-    overlaps the encoder. Each item is ("image" | "video", path); its pixels are (frames, 3, H, W),
-    one frame for an image. A file already in the cache is hashed but not decoded: a video's cache
-    key is its bytes and its frame sampling."""
+    overlaps the encoder. Each item is ("image" | "video", path, span: a video's (start, end) in
+    seconds, or None); its pixels are (frames, 3, H, W), one frame for an image. A file already in
+    the cache is hashed but not decoded: a video's cache key is its bytes, span and sampling."""
 
     def __init__(self, items: list[tuple[str, str]], transform, is_cached, max_pixels: int | None = MAX_PIXELS,
                  sampling: FrameSampling = EVAL_SAMPLING):
@@ -90,13 +90,15 @@ class MediaFiles(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
-        kind, path = self.items[i]
+        kind, path, span = self.items[i]
         try:
             data = Path(path).read_bytes()
         except OSError as e:
             return {"index": i, "error": f"{path}: {e.strerror or 'cannot read'}"}
         digest = digest_bytes(data)
         key = digest if kind == "image" else f"{digest}#{self.sampling.key()}"
+        if span is not None:
+            key += f",span={span[0]:g}-{span[1]:g}"
         if self.is_cached(key):
             return {"index": i, "digest": key, "pixels": None}
         try:
@@ -104,7 +106,8 @@ class MediaFiles(torch.utils.data.Dataset):
                 pixels = self.transform(read_image(path, data, max_pixels=self.max_pixels)).unsqueeze(0)
                 times = [0.0]
             else:
-                frames, times = read_video(path, self.sampling, data=data, content=digest, max_pixels=self.max_pixels)
+                frames, times = read_video(path, self.sampling, data=data, content=digest, max_pixels=self.max_pixels,
+                                           span=span)
                 pixels = torch.stack([self.transform(frame) for frame in frames])
         except ArtifactError as e:
             return {"index": i, "error": str(e)}

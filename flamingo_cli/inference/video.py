@@ -90,10 +90,12 @@ def sample_indices(times: list[float], sampling: FrameSampling, content: str = "
 
 
 def read_video(path: str | Path, sampling: FrameSampling = EVAL_SAMPLING, *, data: bytes | None = None,
-               content: str = "", max_pixels: int | None = None):
-    """(RGB PIL frames, their times in seconds from the video's start) of the sampled clip. Any
-    failure (no such file, empty, not a video, no video stream, corrupt or truncated data, frames
-    over `max_pixels`) is one ArtifactError naming the file."""
+               content: str = "", max_pixels: int | None = None, span: tuple[float, float] | None = None):
+    """(RGB PIL frames, their times in seconds from the video's start) of the sampled clip,
+    taken from the frames shown between span's start and end (seconds) when given: a
+    benchmark's segment. Any failure (no such file, empty, not a video, no video stream, corrupt
+    or truncated data, frames over `max_pixels`, no frame in the span) is one ArtifactError
+    naming the file."""
     import av
 
     try:
@@ -108,7 +110,13 @@ def read_video(path: str | Path, sampling: FrameSampling = EVAL_SAMPLING, *, dat
         times = _presentation_times(data, path)
         if not times:
             raise ArtifactError(f"{path}: the video stream has no frames")
-        wanted = sample_indices(times, sampling, content)
+        inside = list(range(len(times)))
+        if span is not None:
+            inside = [i for i, t in enumerate(times) if span[0] - 1e-6 <= t - times[0] <= span[1] + 1e-6]
+            if not inside:
+                raise ArtifactError(f"{path}: no frame between {span[0]:g} s and {span[1]:g} s (the video's last "
+                                    f"frame is at {times[-1] - times[0]:.2f} s)")
+        wanted = [inside[j] for j in sample_indices([times[i] for i in inside], sampling, content)]
         frames = _decode(data, path, sorted(set(wanted)), max_pixels)
     except av.FFmpegError as e:
         raise ArtifactError(f"{path}: cannot decode video ({_reason(e)})") from None

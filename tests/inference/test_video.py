@@ -139,3 +139,29 @@ def test_video_features_are_each_frame_through_the_encoder_on_its_own(tmp_path):
     (again,) = encode_records(encoder, "test", records[:1], root=tmp_path / "cache", workers=0,
                               sampling=FrameSampling(frames=3, fps=1))
     assert again[0]["features"] != batch[0]["features"] and load_ref(again[0]["features"])[0].shape[0] == 3
+    # A segment is its own clip, and its own cache entry.
+    segment = {"id": "s", "video": str(tmp_path / "clip.webm"), "start": 1.0, "end": 2.0}
+    (cut,) = encode_records(encoder, "test", [segment], root=tmp_path / "cache", workers=0, sampling=sampling)
+    frames, _ = read_video(tmp_path / "clip.webm", sampling, span=(1.0, 2.0))
+    expected = torch.cat([encoder(transform(f).unsqueeze(0))[:, 0] for f in frames])
+    torch.testing.assert_close(load_ref(cut[0]["features"])[0], expected, rtol=0, atol=1e-5)
+    assert cut[0]["features"] != batch[0]["features"]
+
+
+def test_a_segment_samples_only_the_frames_shown_within_it(tmp_path):
+    write_video(tmp_path / "long.mp4", FRAMES, fps=4)  # frame i from i/4 s
+    frames, times = read_video(tmp_path / "long.mp4", FrameSampling(frames=3, fps=2), span=(1.0, 2.0))
+    assert [frame_index(f) for f in frames] == [FRAMES[4], FRAMES[6], FRAMES[8]]
+    assert times == pytest.approx([1.0, 1.5, 2.0])
+    with pytest.raises(ArtifactError, match=r"long.mp4: no frame between 5 s and 6 s \(the video's last frame is at 2.75 s\)"):
+        read_video(tmp_path / "long.mp4", span=(5.0, 6.0))
+
+
+def test_encode_applies_a_records_start_and_end(tmp_path):
+    from flamingo_cli.inference.encoding import clip_span
+
+    assert clip_span({"video": "v.mp4"}) is None
+    assert clip_span({"video": "v.mp4", "start": 1, "end": 2.5}) == (1.0, 2.5)
+    assert clip_span({"video": "v.mp4", "start": 3}) == (3.0, float("inf"))
+    with pytest.raises(ArtifactError, match=r"q: 'start' and 'end' should be seconds with start < end, got 4 and 2"):
+        clip_span({"id": "q", "video": "v.mp4", "start": 4, "end": 2})
