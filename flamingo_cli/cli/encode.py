@@ -40,7 +40,8 @@ def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, worke
     relative to the file) or - for records on stdin; with no INPUTS, records are read from
     stdin. A video (mp4, webm, mkv, avi, mov, an animated GIF, ...) becomes a clip of
     --frames frames --fps apart, each encoded on its own; a clip always has --frames frames
-    (past a short video's end, its last frame). Each output record passes its input fields
+    (past a short video's end, its last frame), from the record's `start`..`end` segment
+    (seconds) when it has one. Each output record passes its input fields
     through and adds `features` (PATH.safetensors#features, shaped frames x tokens x dim)
     and `encoder`. Features are cached by content, frame sampling and encoder, so
     re-encoding is free. Records are written as each batch finishes. With --wds, it also
