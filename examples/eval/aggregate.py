@@ -18,10 +18,11 @@ import tempfile
 from pathlib import Path
 
 METRIC_NAMES = {"vqa": "VQA acc.", "cider": "CIDEr", "top1": "top-1", "roc_auc": "ROC-AUC", "exact": "top-1",
-                "ivqa": "iVQA acc."}
+                "ivqa": "iVQA acc.", "mwap": "mWAP"}
 BENCH_NAMES = {"vqav2": "VQAv2", "okvqa": "OK-VQA", "vizwiz": "VizWiz", "textvqa": "TextVQA", "coco": "COCO",
                "flickr30k": "Flickr30K", "hatefulmemes": "HatefulMemes", "imagenet": "ImageNet", "msvdqa": "MSVD-QA",
-               "msrvttqa": "MSRVTT-QA", "ivqa": "iVQA", "star": "STAR", "vatex": "VATEX", "youcook2": "YouCook2"}
+               "msrvttqa": "MSRVTT-QA", "ivqa": "iVQA", "star": "STAR", "vatex": "VATEX", "youcook2": "YouCook2",
+               "rareact": "RareAct"}
 
 
 def collect(out: Path) -> dict:

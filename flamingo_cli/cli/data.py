@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 BENCHMARK_NAMES = ["vqav2", "okvqa", "vizwiz", "textvqa", "coco", "flickr30k", "hatefulmemes", "imagenet", "msvdqa",
-                   "msrvttqa", "ivqa", "star", "vatex", "youcook2"]
+                   "msrvttqa", "ivqa", "star", "vatex", "youcook2", "rareact"]
 
 
 @click.command(short_help="Turn a benchmark's own annotation files into query/support records.")
@@ -13,7 +13,9 @@ BENCHMARK_NAMES = ["vqav2", "okvqa", "vizwiz", "textvqa", "coco", "flickr30k", "
 @click.option("--split", help="The benchmark's split (train, val, test, dev_seen, ...); required unless --classes.")
 @click.option("--sample", "n", type=click.IntRange(min=0), help="Keep a seeded random N of the split (file order kept).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --sample.")
-@click.option("--classes", is_flag=True, help="imagenet: write the class names (one per line, synset order) instead.")
+@click.option("--classes", is_flag=True,
+              help="imagenet, rareact: write the class names instead, one per line (ImageNet's in synset order, "
+              "RareAct's \"verb noun\" in class_id order).")
 @click.option("-o", "--output", default="-", show_default=True, help="Write records here (atomically); - is stdout.")
 def data(bench, root, split, n, seed, classes, output):
     """Read benchmark BENCH from ROOT, its download in the benchmark's native layout, and write
@@ -21,7 +23,8 @@ def data(bench, root, split, n, seed, classes, output):
     references its metric needs (VQA: question, answers, answer; captioning: caption,
     captions; HatefulMemes: text, label; ImageNet: label, synset; MSVD-QA, MSRVTT-QA:
     question, answer, label; iVQA: question, answers, answer; STAR: question, candidates,
-    label; VATEX, YouCook2: caption, captions). The layouts:
+    label; VATEX, YouCook2: caption, captions; RareAct: verb, noun, annotation, label).
+    The layouts:
 
     \b
     vqav2         v2_OpenEnded_mscoco_{split}2014_questions.json, v2_mscoco_{split}2014_annotations.json,
@@ -40,15 +43,17 @@ def data(bench, root, split, n, seed, classes, output):
     vatex         vatex_training_v1.0.json, vatex_validation_v1.0.json, vatex_public_test_english_v1.1.json,
                   videos/<videoID>.mp4
     youcook2      youcookii_annotations_trainval.json, raw_videos/{training,validation}/<recipe>/<id>.mp4
+    rareact       rareact.csv (split test), videos/<video_id>.mp4
     """
-    from ..evaluation.benchmarks import imagenet_classnames, read_benchmark, sample
+    from ..evaluation.benchmarks import imagenet_classnames, rareact_classnames, read_benchmark, sample
     from ..formats.artifacts import open_output, write_records
 
     if classes:
-        if bench != "imagenet":
-            raise click.UsageError("--classes is for imagenet")
+        if bench not in ("imagenet", "rareact"):
+            raise click.UsageError("--classes is for imagenet and rareact")
+        names = imagenet_classnames(root) if bench == "imagenet" else rareact_classnames(root)
         with open_output(output) as out:
-            out.write("".join(name + "\n" for name in imagenet_classnames(root)))
+            out.write("".join(name + "\n" for name in names))
         return
     if not split:
         raise click.UsageError("--split is required")

@@ -11,12 +11,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..formats.artifacts import ArtifactError
-from .metrics import cider_d, cut_at, exact_match, ivqa_accuracy, roc_auc, strip_quotes, top1, vqa_accuracy
+from .metrics import (cider_d, cut_at, exact_match, ivqa_accuracy, rareact_mwap, roc_auc, strip_quotes, top1,
+                      vqa_accuracy)
 
-METRICS = ("vqa", "cider", "top1", "roc_auc", "exact", "ivqa")
+METRICS = ("vqa", "cider", "top1", "roc_auc", "exact", "ivqa", "mwap")
 # The fields each metric reads its references from.
 REFERENCE_FIELDS = {"vqa": ("answers",), "cider": ("captions", "caption"), "top1": ("label",),
-                    "roc_auc": ("label", "label_id"), "exact": ("label",), "ivqa": ("answers",)}
+                    "roc_auc": ("label", "label_id"), "exact": ("label",), "ivqa": ("answers",),
+                    "mwap": ("annotation",)}
 
 
 @dataclass
@@ -114,6 +116,22 @@ def evaluate_records(records: list[dict], metric: str, *, post: PostProcess | No
             row["score"] = (vqa_accuracy(row["prediction"], answers, vqa_evaluator) if metric == "vqa"
                             else ivqa_accuracy(row["prediction"], answers))
         score = 100 * sum(row["score"] for row in rows) / len(rows)
+    elif metric == "mwap":
+        for row, r in zip(rows, records):
+            scores = r.get("scores")
+            if not isinstance(scores, dict) or not scores:
+                raise ArtifactError(f"{r['id']}: mwap needs 'scores' over every class (score --candidates CLASSES)")
+            for key in ("verb", "noun", "annotation", "video_id"):
+                if key not in r:
+                    raise ArtifactError(f"{r['id']}: mwap needs '{key}' (from flamingo data rareact)")
+            row.update(prediction=max(scores, key=scores.get), label=r.get("label"))
+        try:
+            mean, _ = rareact_mwap(records)
+        except KeyError as e:
+            raise ArtifactError(f"mwap: a record has no score for class {e.args[0]!r}") from None
+        except ValueError as e:
+            raise ArtifactError(f"mwap: {e}") from None
+        score = 100 * mean
     elif metric == "exact":
         for row, r in zip(rows, records):
             row.update(prediction=_answer(r, post), label=str(_reference(r, metric)))

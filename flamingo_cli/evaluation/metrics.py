@@ -222,6 +222,66 @@ def ivqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     return min(sum(normalize_vqa_answer(a) == p for a in answers) / 2, 1.0)
 
 
+def weighted_average_precision(labels: Sequence[int], scores: Sequence[float], weights: Sequence[float]) -> float:
+    """Average precision with sample weights, as scikit-learn's average_precision_score computes
+    it: the sum over distinct score thresholds, high to low, of (R_k - R_{k-1}) * P_k, where
+    precision and recall count weights instead of examples."""
+    total = sum(w for y, w in zip(labels, weights, strict=True) if y)
+    if total <= 0:
+        raise ValueError("no positive examples")
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    tp = fp = recall = ap = 0.0
+    k = 0
+    while k < len(order):
+        threshold = scores[order[k]]
+        while k < len(order) and scores[order[k]] == threshold:
+            tp, fp = (tp + weights[order[k]], fp) if labels[order[k]] else (tp, fp + weights[order[k]])
+            k += 1
+        ap += (tp / total - recall) * tp / (tp + fp)
+        recall = tp / total
+    return ap
+
+
+def rareact_mwap(rows: Sequence[dict], class_name=lambda verb, noun: f"{verb} {noun}") -> tuple[float, dict]:
+    """RareAct's mean weighted average precision (Miech et al. 2020; its compute_score.py): for
+    every (verb, noun) class with a positive clip, the AP of ranking by the class's score
+    (row["scores"][class_name(verb, noun)]) its positives against
+      negatives: clips annotated 0 for it, and other classes' positives sharing neither word;
+      hard negatives: clips annotated 2-4 for it, and other classes' positives sharing one word;
+    each clip weighted 1 / (its video's clips in the same group). Returns (mean, {class: AP}).
+    Each row has verb, noun, annotation (0-4), video_id and scores."""
+    groups: dict[tuple[str, str], dict[str, list[int]]] = {}
+    for row in rows:
+        groups.setdefault((row["verb"], row["noun"]), {"positive": [], "negative": [], "hard": []})
+    for i, row in enumerate(rows):
+        verb, noun, annotation = row["verb"], row["noun"], row["annotation"]
+        if annotation == 1:
+            groups[verb, noun]["positive"].append(i)
+            for other, group in groups.items():
+                if (other[0] == verb) != (other[1] == noun):
+                    group["hard"].append(i)
+                elif other[0] != verb and other[1] != noun:
+                    group["negative"].append(i)
+        else:
+            groups[verb, noun]["negative" if annotation == 0 else "hard"].append(i)
+    aps = {}
+    for (verb, noun), group in groups.items():
+        if not group["positive"]:
+            continue
+        name = class_name(verb, noun)
+        labels, scores, weights = [], [], []
+        for kind in ("positive", "negative", "hard"):
+            videos = Counter(rows[i]["video_id"] for i in group[kind])
+            for i in group[kind]:
+                labels.append(int(kind == "positive"))
+                scores.append(rows[i]["scores"][name])
+                weights.append(1 / videos[rows[i]["video_id"]])
+        aps[name] = weighted_average_precision(labels, scores, weights)
+    if not aps:
+        raise ValueError("no class has a positive clip")
+    return sum(aps.values()) / len(aps), aps
+
+
 def top1(predictions: Sequence[str], labels: Sequence[str]) -> float:
     """Fraction of exact matches (after stripping surrounding whitespace)."""
     if not labels:

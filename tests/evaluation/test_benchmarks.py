@@ -17,7 +17,7 @@ from flamingo_cli.evaluation.benchmarks import (
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "benchmarks"
 
 
-VIDEO_BENCHMARKS = ("msvdqa", "msrvttqa", "ivqa", "star", "vatex", "youcook2")
+VIDEO_BENCHMARKS = ("msvdqa", "msrvttqa", "ivqa", "star", "vatex", "youcook2", "rareact")
 
 
 def root(name: str) -> Path:
@@ -36,7 +36,7 @@ def copy_fixture(name: str, tmp_path: Path) -> Path:
 
 def test_registry():
     assert set(BENCHMARKS) == {"vqav2", "okvqa", "vizwiz", "textvqa", "coco", "flickr30k", "hatefulmemes", "imagenet",
-                               "msvdqa", "msrvttqa", "ivqa", "star", "vatex", "youcook2"}
+                               "msvdqa", "msrvttqa", "ivqa", "star", "vatex", "youcook2", "rareact"}
     for name, bench in BENCHMARKS.items():
         assert bench.name == name
         assert bench.task in TASKS
@@ -57,6 +57,7 @@ def test_registry():
     ("msvdqa", "train", 2), ("msvdqa", "test", 2), ("msrvttqa", "val", 2), ("msrvttqa", "test", 3),
     ("ivqa", "val", 1), ("ivqa", "test", 2), ("star", "val", 2), ("star", "test", 1),
     ("vatex", "val", 2), ("vatex", "test", 1), ("youcook2", "train", 1), ("youcook2", "val", 2),
+    ("rareact", "test", 6),
 ])
 def test_common_schema(name, split, expected):
     records = read_benchmark(name, root(name), split)
@@ -501,3 +502,19 @@ def test_youcook2_bad_segment(tmp_path):
     (copy / "youcookii_annotations_trainval.json").write_text(json.dumps(data))
     with pytest.raises(ArtifactError, match=r"video xHr8X2Wpmno, annotation 0: segment should be \[start, end\]"):
         read_benchmark("youcook2", copy, "train")
+
+
+def test_rareact_rows_and_classes():
+    records = read_benchmark("rareact", root("rareact"), "test")
+    assert records[0] == {"id": "rareact-1", "video": str(root("rareact") / "videos" / "vA.mp4"), "split": "test",
+                          "start": 0.0, "end": 2.0, "verb": "cut", "noun": "laptop", "label": "cut laptop",
+                          "class_id": 0, "annotation": 1, "video_id": "vA"}
+    from flamingo_cli.evaluation.benchmarks import rareact_classnames
+
+    assert rareact_classnames(root("rareact")) == ["cut laptop", "blow leaf", "cut leaf"]
+
+
+def test_rareact_bad_annotation(tmp_path):
+    (tmp_path / "rareact.csv").write_text("id,video_id,start,end,class_id,verb,noun,annotation\n1,v,0,1,0,a,b,7\n")
+    with pytest.raises(ArtifactError, match=r"rareact.csv: row 2: annotation should be 0 to 4, got 7"):
+        read_benchmark("rareact", tmp_path, "test")

@@ -103,3 +103,16 @@ def test_video_qa_metrics_through_evaluate_records():
                {"id": "b", "output": "onion", "answers": ["onion", "onion", "red onion", "garlic", "onion"]}]
     summary, rows = evaluate_records(records, "ivqa")
     assert summary["score"] == 75.0 and [r["score"] for r in rows] == [0.5, 1.0]
+
+
+def test_mwap_through_evaluate_records_needs_every_class_scored():
+    from flamingo_cli.formats.artifacts import ArtifactError
+
+    base = {"verb": "cut", "noun": "laptop", "video_id": "v", "label": "cut laptop"}
+    records = [{"id": "a", **base, "annotation": 1, "scores": {"cut laptop": -1.0, "blow leaf": -3.0}},
+               {"id": "b", **base, "annotation": 0, "scores": {"cut laptop": -2.0, "blow leaf": -0.5}}]
+    summary, rows = evaluate_records(records, "mwap")
+    assert summary["score"] == 100.0 and [r["prediction"] for r in rows] == ["cut laptop", "blow leaf"]
+    del records[1]["scores"]["cut laptop"]
+    with pytest.raises(ArtifactError, match="mwap: a record has no score for class 'cut laptop'"):
+        evaluate_records(records, "mwap")

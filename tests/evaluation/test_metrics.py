@@ -142,3 +142,26 @@ def test_ivqa_accuracy_by_hand():
     assert ivqa_accuracy("Garlic.", answers) == 0.5  # normalised like VQA answers
     assert ivqa_accuracy("leek", answers) == 0.0
     assert ivqa_accuracy("knife", ["knife", "scissors", "knife", "saw", "saw"]) == 1.0  # two: min(2/2, 1)
+
+
+def test_rareact_mwap_by_hand():
+    """tests/fixtures/benchmarks/rareact: for "cut laptop", row 1 is the positive; rows 2 and 6
+    (annotated 0) and row 4 (blow leaf's positive, sharing no word) are negatives, row 3 (annotated
+    2) a hard negative; rows 4 and 6 share video vC, so each weighs 1/2 among the negatives. Ranked
+    6 (0.99), 2 (0.95), 1 (0.9), ...: the positive comes after 1.5 weight of negatives, so
+    AP = 1 / 2.5 = 0.4 (unweighted: 1/3). "blow leaf" ranks its positive first: AP 1. "cut leaf"
+    has no positive and is left out. mWAP = 0.7."""
+    from flamingo_cli.evaluation.benchmarks import read_benchmark
+    from flamingo_cli.evaluation.metrics import rareact_mwap, weighted_average_precision
+
+    rows = read_benchmark("rareact", Path(__file__).resolve().parents[1] / "fixtures/benchmarks/rareact", "test")
+    cut_laptop = {"rareact-1": 0.9, "rareact-2": 0.95, "rareact-3": 0.1, "rareact-4": 0.5, "rareact-5": 0.3,
+                  "rareact-6": 0.99}
+    blow_leaf = {"rareact-1": 0.1, "rareact-4": 0.2}
+    for r in rows:
+        r["scores"] = {"cut laptop": cut_laptop[r["id"]], "blow leaf": blow_leaf.get(r["id"], 0.0), "cut leaf": 0.0}
+    mean, aps = rareact_mwap(rows)
+    assert aps == pytest.approx({"cut laptop": 0.4, "blow leaf": 1.0}) and mean == pytest.approx(0.7)
+
+    # Ties share a threshold, as scikit-learn's average_precision_score treats them.
+    assert weighted_average_precision([1, 0, 1], [0.5, 0.5, 0.1], [1, 1, 1]) == pytest.approx(0.5 * 0.5 + 0.5 * 2 / 3)

@@ -34,6 +34,7 @@ Native layouts under `root` (see each reader's docstring for details):
   star         STAR_{split}.json, Charades_v1_480/
   vatex        vatex_{training,validation}_v1.0.json, vatex_public_test_english_v1.1.json, videos/
   youcook2     youcookii_annotations_trainval.json, raw_videos/
+  rareact      rareact.csv, videos/
 
 Anything wrong with the files (missing, malformed, a required field absent) and any
 unknown benchmark or split raises ArtifactError with a one-line message.
@@ -48,11 +49,12 @@ from typing import Any
 
 from ...formats.artifacts import ArtifactError
 from .captioning import read_coco, read_flickr30k, read_vatex, read_youcook2
-from .classification import imagenet_classnames, read_hatefulmemes, read_imagenet
+from .classification import imagenet_classnames, rareact_classnames, read_hatefulmemes, read_imagenet, read_rareact
 from .videoqa import read_ivqa, read_msrvttqa, read_msvdqa, read_star
 from .vqa import read_okvqa, read_textvqa, read_vizwiz, read_vqav2
 
-__all__ = ["BENCHMARKS", "TASKS", "Benchmark", "imagenet_classnames", "read_benchmark", "sample"]
+__all__ = ["BENCHMARKS", "TASKS", "Benchmark", "imagenet_classnames", "rareact_classnames", "read_benchmark",
+           "sample"]
 
 TASKS = ("vqa", "captioning", "classification", "hatefulmemes", "videoqa")
 
@@ -98,6 +100,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               "VATEX English video captions"),
     Benchmark("youcook2", "captioning", ("train", "val"), read_youcook2,
               "YouCook2 captions of cooking-video segments"),
+    Benchmark("rareact", "classification", ("test",), read_rareact,
+              "RareAct zero-shot ranking of unusual verb-noun interactions"),
 )}
 
 

@@ -1,7 +1,8 @@
-"""The classification benchmarks: Hateful Memes and ImageNet."""
+"""The classification benchmarks: Hateful Memes, ImageNet, and for video RareAct."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -126,3 +127,58 @@ def _imagenet_record(image_id: str, image: Path, split: str, synset: str, synset
         "label": synsets[synset],
         "synset": synset,
     }
+
+
+# -- RareAct (Miech et al., "RareAct: A video dataset of unusual interactions", 2020;
+# github.com/antoine77340/RareAct)
+
+RAREACT_COLUMNS = ("id", "video_id", "start", "end", "class_id", "verb", "noun", "annotation")
+
+
+def _rareact_rows(root: Path) -> tuple[Path, list[dict]]:
+    path = Path(root) / "rareact.csv"
+    rows = list(csv.DictReader(io.StringIO(read_text(path))))
+    missing = [c for c in RAREACT_COLUMNS if rows and c not in rows[0]]
+    if missing:
+        raise ArtifactError(f"{path}: no column {', '.join(missing)} (expected {', '.join(RAREACT_COLUMNS)})")
+    for i, row in enumerate(rows):
+        for column in ("id", "class_id", "annotation", "start", "end"):
+            try:
+                row[column] = float(row[column]) if column in ("start", "end") else int(row[column])
+            except ValueError:
+                raise ArtifactError(f"{path}: row {i + 2}: {column} should be a number, got {row[column]!r}") from None
+        if not 0 <= row["annotation"] <= 4:
+            raise ArtifactError(f"{path}: row {i + 2}: annotation should be 0 to 4, got {row['annotation']}")
+    return path, rows
+
+
+def rareact_classnames(root: str | Path) -> list[str]:
+    """The (verb, noun) classes as the text `score` ranks ("cut laptop"), in class_id order."""
+    path, rows = _rareact_rows(Path(root))
+    names = {row["class_id"]: f"{row['verb']} {row['noun']}" for row in rows}
+    return [names[c] for c in sorted(names)]
+
+
+def read_rareact(root: Path, split: str) -> list[dict]:
+    """RareAct, split test (all of it: a zero-shot benchmark).
+
+    root/rareact.csv
+        a header, then one row per (clip, class) annotation: id, video_id, start, end (seconds),
+        class_id, verb, noun, annotation (1 positive; 2, 3, 4 hard negatives: only the verb
+        right, only the noun right, both right but the verb not applied to the noun; 0 negative)
+    root/videos/{video_id}.mp4   (the release's videos are named by YouTube id)
+
+    Close-ended: `score` ranks every class (`flamingo data rareact ROOT --classes`) for each
+    clip; the metric is mWAP (evaluation.metrics.rareact_mwap) over `verb`, `noun`,
+    `annotation` and `video_id`. `label` is the row's class.
+    """
+    path, rows = _rareact_rows(root)
+    records = [{
+        "id": f"rareact-{row['id']}",
+        "video": str(root / "videos" / f"{row['video_id']}.mp4"),
+        "split": split,
+        "start": row["start"], "end": row["end"],
+        "verb": row["verb"], "noun": row["noun"], "label": f"{row['verb']} {row['noun']}",
+        "class_id": row["class_id"], "annotation": row["annotation"], "video_id": row["video_id"],
+    } for row in rows]
+    return check_unique(records, path)
