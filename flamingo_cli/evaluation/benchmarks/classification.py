@@ -154,7 +154,7 @@ def _rareact_rows(root: Path) -> tuple[Path, list[dict]]:
 
 def rareact_classnames(root: str | Path) -> list[str]:
     """The (verb, noun) classes as the text `score` ranks ("cut laptop"), in class_id order."""
-    path, rows = _rareact_rows(Path(root))
+    _, rows = _rareact_rows(Path(root))
     names = {row["class_id"]: f"{row['verb']} {row['noun']}" for row in rows}
     return [names[c] for c in sorted(names)]
 
