@@ -128,7 +128,8 @@ def write_feature_shards(encoder, identity: str, records: list[dict], pattern: s
 
     from ..formats.artifacts import feature_sample
 
-    flat = [{kind: path, "owner": i} for i, record in enumerate(records) for kind, path in media_items(record)]
+    flat = [{kind: path, "owner": i, **({k: record[k] for k in ("start", "end") if k in record} if kind == "video" else {})}
+            for i, record in enumerate(records) for kind, path in media_items(record)]
     refs: dict[int, list[str]] = {i: [] for i in range(len(records))}
     for batch in encode_records(encoder, identity, flat, root=root, **encode_kw):
         for item in batch:

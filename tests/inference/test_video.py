@@ -165,3 +165,30 @@ def test_encode_applies_a_records_start_and_end(tmp_path):
     assert clip_span({"video": "v.mp4", "start": 3}) == (3.0, float("inf"))
     with pytest.raises(ArtifactError, match=r"q: 'start' and 'end' should be seconds with start < end, got 4 and 2"):
         clip_span({"id": "q", "video": "v.mp4", "start": 4, "end": 2})
+
+
+def test_feature_shards_keep_a_video_records_segment(tmp_path):
+    import tarfile
+
+    import timm
+    from safetensors.torch import load
+
+    from flamingo_cli.formats.artifacts import load_ref
+    from flamingo_cli.inference.encoding import encode_records, write_feature_shards
+    from flamingo_cli.model.config import EncoderConfig
+    from flamingo_cli.model.vision_encoder import VisionEncoder
+
+    torch.manual_seed(0)
+    encoder = VisionEncoder(EncoderConfig(name="test_vit", image_size=32, random_init=True),
+                            timm.create_model("test_vit", img_size=32, num_classes=0))
+    write_video(tmp_path / "clip.mp4", FRAMES, fps=4)
+    record = {"id": "s", "video": str(tmp_path / "clip.mp4"), "caption": "colours", "start": 1.0, "end": 2.0}
+    sampling = FrameSampling(frames=3, fps=2)
+    (written,) = write_feature_shards(encoder, "test", [record], str(tmp_path / "shard-%06d.tar"),
+                                      root=tmp_path / "cache", workers=0, sampling=sampling)
+    (direct,) = next(encode_records(encoder, "test", [record], root=tmp_path / "cache", workers=0, sampling=sampling))
+    assert written["features"] == direct["features"]  # the segment's clip, not the whole video's
+    with tarfile.open(tmp_path / "shard-000000.tar") as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".features.safetensors"))
+        features = load(tar.extractfile(member).read())["0"]
+    assert torch.equal(features, load_ref(direct["features"])[0])
