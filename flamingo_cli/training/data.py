@@ -119,10 +119,14 @@ BAD_SAMPLE = (ArtifactError, ValueError, KeyError, TypeError)
 def make_example(sample: dict, tokenizer, sampling: SamplingConfig, rng: random.Random, seed: int = 0):
     """(Example or None, media, encoder) for one webdataset sample; BAD_SAMPLE errors if unusable.
     A raw video is decoded here, in the loader, into a Clip of sampling.video_frames frames
-    sampling.video_fps apart, from a window seeded by `seed` and the video's bytes."""
+    sampling.video_fps apart, from a window seeded by `seed` and the video's bytes, within the
+    record's start..end segment when KEY.json gives one."""
     record, media, encoder = read_sample(sample)
     if any(isinstance(m, VideoBytes) for m in media):
-        media = [_clip(m, f"{sample.get('__key__', '<sample>')}: video", sampling, seed)
+        from ..inference.encoding import clip_span
+
+        span = clip_span({"id": sample.get("__key__", "<sample>"), **record})
+        media = [_clip(m, f"{sample.get('__key__', '<sample>')}: video", sampling, seed, span)
                  if isinstance(m, VideoBytes) else m for m in media]
     if "segments" in record:
         segments = record["segments"]
@@ -136,12 +140,12 @@ def make_example(sample: dict, tokenizer, sampling: SamplingConfig, rng: random.
     return example, media, encoder
 
 
-def _clip(data: bytes, name: str, sampling: SamplingConfig, seed: int):
+def _clip(data: bytes, name: str, sampling: SamplingConfig, seed: int, span):
     from ..formats.artifacts import digest_bytes
     from ..inference.video import Clip, FrameSampling, read_video
 
     frames = FrameSampling(frames=sampling.video_frames, fps=sampling.video_fps, clip="random", seed=seed)
-    return Clip(read_video(name, frames, data=data, content=digest_bytes(data))[0])
+    return Clip(read_video(name, frames, data=data, content=digest_bytes(data), span=span)[0])
 
 
 class ExampleStream:

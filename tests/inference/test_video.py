@@ -192,3 +192,22 @@ def test_feature_shards_keep_a_video_records_segment(tmp_path):
         member = next(m for m in tar.getmembers() if m.name.endswith(".features.safetensors"))
         features = load(tar.extractfile(member).read())["0"]
     assert torch.equal(features, load_ref(direct["features"])[0])
+
+
+def test_a_raw_training_video_is_sampled_within_its_records_segment(tmp_path):
+    import json
+    import random
+
+    from flamingo_cli.model.config import FlamingoConfig
+    from flamingo_cli.model.lm import add_special_tokens
+    from flamingo_cli.tiny import tiny_tokenizer
+    from flamingo_cli.training.data import make_example
+    from flamingo_cli.training.sampling import SamplingConfig
+
+    tokenizer = tiny_tokenizer()
+    add_special_tokens(tokenizer, FlamingoConfig().special_tokens)
+    write_video(tmp_path / "clip.mp4", FRAMES, fps=4)
+    data = (tmp_path / "clip.mp4").read_bytes()
+    sample = {"__key__": "k", "mp4": data, "json": json.dumps({"caption": "colours", "start": 2.0, "end": 2.5}).encode()}
+    _, media, _ = make_example(sample, tokenizer, SamplingConfig(video_frames=4, video_fps=4), random.Random(0))
+    assert [frame_index(f) for f in media[0]] == [FRAMES[8], FRAMES[9], FRAMES[10], FRAMES[10]]  # then held
