@@ -126,7 +126,7 @@ def write_feature_shards(encoder, identity: str, records: list[dict], pattern: s
 
     import webdataset as wds
 
-    from ..formats.artifacts import feature_sample
+    from ..formats.artifacts import feature_sample, signals_deferred
 
     flat = [{kind: path, "owner": i, **({k: record[k] for k in ("start", "end") if k in record} if kind == "video" else {})}
             for i, record in enumerate(records) for kind, path in media_items(record)]
@@ -151,7 +151,9 @@ def write_feature_shards(encoder, identity: str, records: list[dict], pattern: s
         try:
             for i in complete:
                 features = [load_ref(ref, encoder=identity)[0] for ref in refs[i]]
-                sink.write(feature_sample(f"{i:09d}", records[i], features, identity))
+                sample = feature_sample(f"{i:09d}", records[i], features, identity)
+                with signals_deferred():  # a signal inside a write could meet a shard half renamed
+                    sink.write(sample)
         except BaseException:
             failed.append(True)
             raise

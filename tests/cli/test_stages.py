@@ -506,3 +506,34 @@ def test_unreadable_videos_are_skipped_and_counted(world, tmp_path):
     assert [o["id"] for o in records(r.stdout)] == [str(tmp_path / "good.webm")]
     assert r.stderr == (f"flamingo encode: skipped 2 unreadable file(s); first: {tmp_path}/empty.mp4: empty file, "
                         "not a video\n")
+
+
+def test_a_full_cache_and_a_sigterm_during_encode_wds_leave_nothing_partial(world, tmp_path):
+    """A feature file the storage refuses (a file-size limit standing in for a full
+    FLAMINGO_CACHE) is one line naming it, with no temp file left; SIGTERM while encode --wds
+    writes its shards exits 143 and leaves only complete shards, no temp files."""
+    import tarfile
+
+    root, env = world
+    r = sh(f"trap '' XFSZ; ulimit -f 1; FLAMINGO_CACHE={tmp_path}/cache flamingo encode -q --workers 0 imgs/0-red.png", root, env)
+    assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"Error: {tmp_path}/cache/") and r.stderr.endswith(": cannot write (File too large)\n")
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+
+    (tmp_path / "many.jsonl").write_text("".join(
+        json.dumps({"id": f"p{i}", "image": str(root / "imgs/0-red.png"), "caption": "red"}) + "\n"
+        for i in range(3000)))
+    shards = tmp_path / "shards"
+    p = subprocess.Popen([str(BIN / "flamingo"), "encode", "-q", "--wds", f"{shards}/s-%06d.tar", "--shard-size", "1",
+                          "-o", str(tmp_path / "out.jsonl"), str(tmp_path / "many.jsonl")],
+                         cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: shards.exists() and len(list(shards.glob("s-*.tar"))) >= 2, p)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert (p.returncode, out, err) == (143, "", "flamingo: terminated\n")
+    written = sorted(shards.iterdir())
+    assert written and all(s.name.endswith(".tar") for s in written), [s.name for s in written]  # no .tmp
+    for shard in written:
+        with tarfile.open(shard) as tar:
+            assert len(tar.getmembers()) == 2  # the record and its features: complete
+    assert not (tmp_path / "out.jsonl").exists() and not list(tmp_path.glob(".out.jsonl*"))
