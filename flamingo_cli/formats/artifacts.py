@@ -123,6 +123,16 @@ def _file_dir(path: str | Path) -> str | None:
     return None if os.path.abspath(base or ".") == os.getcwd() else base
 
 
+def read_file(path: str | Path) -> bytes:
+    """A media file's bytes; a file that cannot be read is one ArtifactError naming it."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ArtifactError(f"{path}: {e.strerror}") from None
+
+
 def format_record(record: dict[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False, separators=(", ", ": ")) + "\n"
 

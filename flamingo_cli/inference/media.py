@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..formats.artifacts import VISUAL, ArtifactError, digest_bytes, is_ref, load_ref, split_ref
+from ..formats.artifacts import VISUAL, ArtifactError, digest_bytes, is_ref, load_ref, read_file, split_ref
 from .video import EVAL_SAMPLING, VIDEO_SUFFIXES, FrameSampling, is_video_file, read_video
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -32,12 +32,7 @@ def read_image(path: str | Path, data: bytes | None = None, *, max_pixels: int |
     decompression bomb cannot take the machine's memory."""
     from PIL import Image, UnidentifiedImageError
 
-    try:
-        data = Path(path).read_bytes() if data is None else data
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: no such file") from None
-    except OSError as e:
-        raise ArtifactError(f"{path}: {e.strerror}") from None
+    data = read_file(path) if data is None else data
     try:
         with _without_pil_limit(), Image.open(io.BytesIO(data)) as image:
             width, height = image.size

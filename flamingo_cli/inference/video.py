@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..formats.artifacts import ArtifactError
+from ..formats.artifacts import ArtifactError, read_file
 
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".mpg", ".mpeg", ".ogv", ".flv", ".wmv"}
 CLIPS = ("center", "random", "uniform")
@@ -98,12 +98,7 @@ def read_video(path: str | Path, sampling: FrameSampling = EVAL_SAMPLING, *, dat
     naming the file."""
     import av
 
-    try:
-        data = Path(path).read_bytes() if data is None else data
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: no such file") from None
-    except OSError as e:
-        raise ArtifactError(f"{path}: {e.strerror}") from None
+    data = read_file(path) if data is None else data
     if not data:
         raise ArtifactError(f"{path}: empty file, not a video")
     try:
