@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 BENCHMARK_NAMES = ["vqav2", "okvqa", "vizwiz", "textvqa", "coco", "flickr30k", "hatefulmemes", "imagenet", "msvdqa",
-                   "msrvttqa", "ivqa", "star", "vatex", "youcook2", "rareact"]
+                   "msrvttqa", "ivqa", "nextqa", "star", "vatex", "youcook2", "rareact"]
 
 
 @click.command(short_help="Turn a benchmark's own annotation files into query/support records.")
@@ -22,8 +22,9 @@ def data(bench, root, split, n, seed, classes, output):
     one record per example: `id`, `image` (video benchmarks: `video`), `split` and the
     references its metric needs (VQA: question, answers, answer; captioning: caption,
     captions; HatefulMemes: text, label; ImageNet: label, synset; MSVD-QA, MSRVTT-QA:
-    question, answer, label; iVQA: question, answers, answer; STAR: question, candidates,
-    label; VATEX, YouCook2: caption, captions; RareAct: verb, noun, annotation, label).
+    question, answer, label; iVQA: question, answers, answer; NExT-QA: question, answer,
+    answers, type; STAR: question, candidates, label; VATEX, YouCook2: caption, captions;
+    RareAct: verb, noun, annotation, label).
     The layouts:
 
     \b
@@ -39,6 +40,8 @@ def data(bench, root, split, n, seed, classes, output):
     msvdqa        {split}_qa.json, youtube_mapping.txt, YouTubeClips/<clip>.avi
     msrvttqa      {split}_qa.json, TrainValVideo/video<id>.mp4 (id < 7010), TestVideo/video<id>.mp4
     ivqa          {split}.csv (video_id, question, answer1..answer5), videos/<video_id>.mp4
+    nextqa        {split}.csv, add_reference_answer_{split}.json (optional), map_vid_vidorID.json,
+                  NExTVideo/<folder>/<vidor id>.mp4
     star          STAR_{split}.json, Charades_v1_480/<video_id>.mp4
     vatex         vatex_training_v1.0.json, vatex_validation_v1.0.json, vatex_public_test_english_v1.1.json,
                   videos/<videoID>.mp4

@@ -9,11 +9,12 @@ from .core import input_records, key_values, preset_option, say_derived_ids
 @click.command(short_help="Score predictions: VQA accuracy, CIDEr-D, top-1, ROC-AUC.")
 @click.argument("input", default="-", type=click.Path(allow_dash=True))
 @preset_option("Preset NAME (stages/evaluate/NAME.yaml, one per benchmark) or YAML FILE of option defaults.")
-@click.option("--metric", type=click.Choice(["vqa", "cider", "top1", "roc_auc", "exact", "ivqa", "mwap"]),
+@click.option("--metric", type=click.Choice(["vqa", "cider", "top1", "roc_auc", "exact", "ivqa", "mwap", "wups"]),
               required=True,
               help="vqa: the VQA evaluator's accuracy; cider: CIDEr-D; top1; roc_auc: from P(yes) vs P(no); exact: "
               "top-1 of open-ended answers after the VQA normalisation (video QA); ivqa: iVQA accuracy; mwap: "
-              "RareAct's mean weighted average precision.")
+              "RareAct's mean weighted average precision; wups: NExT-QA's WUPS (needs NLTK's WordNet, tagger and Punkt "
+              "data).")
 @click.option("--references", type=click.Path(dir_okay=False),
               help="Records holding the references, joined by id (default: the predictions carry them).")
 @click.option("--cut-at", "cut_at", multiple=True,

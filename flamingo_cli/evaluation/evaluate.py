@@ -14,11 +14,11 @@ from ..formats.artifacts import ArtifactError
 from .metrics import (cider_d, cut_at, exact_match, ivqa_accuracy, rareact_mwap, roc_auc, strip_quotes, top1,
                       vqa_accuracy)
 
-METRICS = ("vqa", "cider", "top1", "roc_auc", "exact", "ivqa", "mwap")
+METRICS = ("vqa", "cider", "top1", "roc_auc", "exact", "ivqa", "mwap", "wups")
 # The fields each metric reads its references from.
 REFERENCE_FIELDS = {"vqa": ("answers",), "cider": ("captions", "caption"), "top1": ("label",),
                     "roc_auc": ("label", "label_id"), "exact": ("label",), "ivqa": ("answers",),
-                    "mwap": ("annotation",)}
+                    "mwap": ("annotation",), "wups": ("answers",)}
 
 
 @dataclass
@@ -99,7 +99,8 @@ def evaluate_records(records: list[dict], metric: str, *, post: PostProcess | No
                      positive: str = "yes", negative: str = "no",
                      vqa_evaluator: str = "official") -> tuple[dict, list[dict]]:
     """(summary, per-example rows). The summary's `score` is on the papers' scale: VQA accuracy,
-    CIDEr-D (x100 of pycocoevalcap's mean), top-1 and ROC-AUC all in percent."""
+    CIDEr-D (x100 of pycocoevalcap's mean), top-1, ROC-AUC and WUPS all in percent. wups adds
+    NExT-QA's table: wups9 (WUPS@0.9), by_group (WUPS_C/T/D) and by_type."""
     if metric not in METRICS:
         raise ArtifactError(f"unknown metric {metric!r} (expected one of {', '.join(METRICS)})")
     if not records:
@@ -107,6 +108,7 @@ def evaluate_records(records: list[dict], metric: str, *, post: PostProcess | No
     post = post or PostProcess()
     records = merge_ensembles(records)
     rows = [{"id": r["id"]} for r in records]
+    extra: dict = {}
     if metric in ("vqa", "ivqa"):
         for row, r in zip(rows, records):
             answers = _reference(r, metric)
@@ -132,6 +134,25 @@ def evaluate_records(records: list[dict], metric: str, *, post: PostProcess | No
         except ValueError as e:
             raise ArtifactError(f"mwap: {e}") from None
         score = 100 * mean
+    elif metric == "wups":
+        from .wups import Wups, nextqa_summary
+
+        wups = Wups.load()
+        types, scores = [], []
+        for row, r in zip(rows, records):
+            answers = _reference(r, metric)
+            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+                raise ArtifactError(f"{r['id']}: 'answers' must be a non-empty list of reference answers")
+            if not isinstance(r.get("type"), str):
+                raise ArtifactError(f"{r['id']}: wups needs the question's 'type' (CW, TN, DC, ...; "
+                                    "from flamingo data nextqa)")
+            row["prediction"] = _answer(r, post)
+            scores.append(wups.score(row["prediction"], answers, r["type"]))
+            types.append(r["type"])
+            row.update(type=r["type"], score=scores[-1][0.0], wups9=scores[-1][0.9])
+        table = nextqa_summary(types, scores)
+        score = table.pop("wups0")
+        extra.update(table)
     elif metric == "exact":
         for row, r in zip(rows, records):
             row.update(prediction=_answer(r, post), label=str(_reference(r, metric)))
@@ -167,4 +188,4 @@ def evaluate_records(records: list[dict], metric: str, *, post: PostProcess | No
         if len(set(labels)) < 2:
             raise ArtifactError(f"roc_auc needs examples of both labels; all {len(labels)} are {labels[0]}")
         score = 100 * roc_auc(labels, probs)
-    return {"metric": metric, "score": score, "n": len(rows)}, rows
+    return {"metric": metric, "score": score, "n": len(rows), **extra}, rows

@@ -17,7 +17,7 @@ from flamingo_cli.evaluation.benchmarks import (
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "benchmarks"
 
 
-VIDEO_BENCHMARKS = ("msvdqa", "msrvttqa", "ivqa", "star", "vatex", "youcook2", "rareact")
+VIDEO_BENCHMARKS = ("msvdqa", "msrvttqa", "ivqa", "nextqa", "star", "vatex", "youcook2", "rareact")
 
 
 def root(name: str) -> Path:
@@ -36,7 +36,7 @@ def copy_fixture(name: str, tmp_path: Path) -> Path:
 
 def test_registry():
     assert set(BENCHMARKS) == {"vqav2", "okvqa", "vizwiz", "textvqa", "coco", "flickr30k", "hatefulmemes", "imagenet",
-                               "msvdqa", "msrvttqa", "ivqa", "star", "vatex", "youcook2", "rareact"}
+                               "msvdqa", "msrvttqa", "ivqa", "nextqa", "star", "vatex", "youcook2", "rareact"}
     for name, bench in BENCHMARKS.items():
         assert bench.name == name
         assert bench.task in TASKS
@@ -55,7 +55,7 @@ def test_registry():
     ("hatefulmemes", "train", 3), ("hatefulmemes", "dev_seen", 2), ("hatefulmemes", "test_unseen", 2),
     ("imagenet", "val", 3),
     ("msvdqa", "train", 2), ("msvdqa", "test", 2), ("msrvttqa", "val", 2), ("msrvttqa", "test", 3),
-    ("ivqa", "val", 1), ("ivqa", "test", 2), ("star", "val", 2), ("star", "test", 1),
+    ("ivqa", "val", 1), ("ivqa", "test", 2), ("nextqa", "val", 4), ("nextqa", "test", 1), ("star", "val", 2), ("star", "test", 1),
     ("vatex", "val", 2), ("vatex", "test", 1), ("youcook2", "train", 1), ("youcook2", "val", 2),
     ("rareact", "test", 6),
 ])
@@ -452,6 +452,34 @@ def test_ivqa_missing_column_and_empty_answer(tmp_path):
     (tmp_path / "test.csv").write_text("video_id,question,answer1,answer2,answer3,answer4,answer5\nv,q?,a,b,c,,e\n")
     with pytest.raises(ArtifactError, match=r"test.csv: row 2: empty answer4"):
         read_benchmark("ivqa", tmp_path, "test")
+
+
+def test_nextqa_maps_videos_and_adds_the_second_reference():
+    records = read_benchmark("nextqa", root("nextqa"), "val")
+    assert records[1] == {
+        "id": "nextqa-3747890905-8", "video": str(root("nextqa") / "NExTVideo" / "0043" / "3747890905.mp4"),
+        "split": "val", "question": "how does the adult get rid of the food residue near the end of the video",
+        "answer": "uses the spoon", "answers": ["uses the spoon", "use a spoon"], "type": "CH",
+        "question_id": "8", "video_id": "3747890905"}
+    assert [r["answers"] for r in records] == [["no"], ["uses the spoon", "use a spoon"], ["push toy train"],
+                                              ["nine", "nine"]]
+    assert records[3]["question"] == "how many children are presented, roughly"  # a quoted CSV field
+    (test,) = read_benchmark("nextqa", root("nextqa"), "test")  # no second-reference file for test
+    assert test["answers"] == ["brown"] and test["type"] == "DO"
+
+
+def test_nextqa_unmapped_video_and_malformed_references(tmp_path):
+    copy = copy_fixture("nextqa", tmp_path)
+    (copy / "map_vid_vidorID.json").write_text('{"4924794333": "1025/4924794333"}')
+    with pytest.raises(ArtifactError, match=r"val.csv: row 3: video 3747890905 is not in .*map_vid_vidorID.json"):
+        read_benchmark("nextqa", copy, "val")
+    (copy / "map_vid_vidorID.json").write_text('{"6038769080": "1101/6038769080"}')
+    (copy / "add_reference_answer_test.json").write_text('{"6038769080": ["brown"]}')
+    with pytest.raises(ArtifactError, match=r"add_reference_answer_test.json: video 6038769080 should be"):
+        read_benchmark("nextqa", copy, "test")
+    (copy / "test.csv").write_text("video,question,answer,qid\n6038769080,q,a,1\n")
+    with pytest.raises(ArtifactError, match=r"test.csv: no column type"):
+        read_benchmark("nextqa", copy, "test")
 
 
 def test_star_offers_its_choices_as_candidates_in_choice_order():

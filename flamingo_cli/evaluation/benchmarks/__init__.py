@@ -12,7 +12,8 @@ and, by task,
   vqa             question, answers (all human answers, in file order), answer (the one
                   shown when the record is a demonstration), question_id (native id)
   videoqa         question, answer, and label (the one answer, for top-1: MSVD-QA,
-                  MSRVTT-QA) or answers (iVQA's five); STAR: candidates (its choices), label
+                  MSRVTT-QA) or answers (iVQA's five; NExT-QA's one or two, with type,
+                  its question type); STAR: candidates (its choices), label
   captioning      (VATEX, YouCook2) as for images; YouCook2's segments add start, end
   captioning      caption (first reference, stripped), captions (all, stripped),
                   image_id (native id)
@@ -31,6 +32,7 @@ Native layouts under `root` (see each reader's docstring for details):
   msvdqa       {split}_qa.json, youtube_mapping.txt, YouTubeClips/
   msrvttqa     {split}_qa.json, TrainValVideo/, TestVideo/
   ivqa         {split}.csv, videos/
+  nextqa       {split}.csv, add_reference_answer_{split}.json, map_vid_vidorID.json, NExTVideo/
   star         STAR_{split}.json, Charades_v1_480/
   vatex        vatex_{training,validation}_v1.0.json, vatex_public_test_english_v1.1.json, videos/
   youcook2     youcookii_annotations_trainval.json, raw_videos/
@@ -50,7 +52,7 @@ from typing import Any
 from ...formats.artifacts import ArtifactError
 from .captioning import read_coco, read_flickr30k, read_vatex, read_youcook2
 from .classification import imagenet_classnames, rareact_classnames, read_hatefulmemes, read_imagenet, read_rareact
-from .videoqa import read_ivqa, read_msrvttqa, read_msvdqa, read_star
+from .videoqa import read_ivqa, read_msrvttqa, read_msvdqa, read_nextqa, read_star
 from .vqa import read_okvqa, read_textvqa, read_vizwiz, read_vqav2
 
 __all__ = ["BENCHMARKS", "TASKS", "Benchmark", "imagenet_classnames", "rareact_classnames", "read_benchmark",
@@ -94,6 +96,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               "MSRVTT-QA open-ended questions on MSR-VTT clips"),
     Benchmark("ivqa", "videoqa", ("train", "val", "test"), read_ivqa,
               "iVQA questions on instructional clips, five answers each"),
+    Benchmark("nextqa", "videoqa", ("train", "val", "test"), read_nextqa,
+              "NExT-QA open-ended causal, temporal and descriptive questions on VidOR videos"),
     Benchmark("star", "videoqa", ("train", "val", "test"), read_star,
               "STAR situated-reasoning multiple-choice questions on Charades videos"),
     Benchmark("vatex", "captioning", ("train", "val", "test"), read_vatex,

@@ -1,4 +1,4 @@
-"""The video QA benchmarks: MSVD-QA, MSRVTT-QA and iVQA (open-ended), STAR (multiple choice).
+"""The video QA benchmarks: MSVD-QA, MSRVTT-QA, iVQA and NExT-QA (open-ended), STAR (multiple choice).
 
 Videos are not part of these releases (they come from MSVD, MSR-VTT and YouTube): each
 reader names where it expects them under `root`, in the layout the video datasets ship in.
@@ -127,6 +127,62 @@ def read_ivqa(root: Path, split: str) -> list[dict]:
                 except ValueError:
                     raise ArtifactError(f"{path}: {where}: {bound} should be a number, got {row[bound]!r}") from None
         records.append(record)
+    return check_unique(records, path)
+
+
+# -- NExT-QA open-ended (Xiao et al., "NExT-QA: Next Phase of Question-Answering to Explaining
+# Temporal Actions", CVPR 2021; github.com/doc-doc/NExT-OE, dataset/nextqa/)
+
+NEXTQA_COLUMNS = ("video", "question", "answer", "qid", "type")
+
+
+def read_nextqa(root: Path, split: str) -> list[dict]:
+    """NExT-QA's open-ended questions (NExT-OE), splits train, val and test.
+
+    root/{split}.csv
+        video,frame_count,width,height,question,answer,qid,type   (a header, then one row per
+        question; type is CW/CH causal, TN/TP/TC temporal, DB/DC/DL/DO descriptive)
+    root/add_reference_answer_{split}.json   (optional; val and test)
+        {"VIDEO": {"QID": "a second annotator's answer", ...}, ...}
+    root/map_vid_vidorID.json
+        {"VIDEO": "FOLDER/VIDORID", ...}   (NExT-QA's map from its ids to VidOR's video files)
+    root/NExTVideo/{FOLDER/VIDORID}.mp4
+
+    The metric is WUPS (evaluation.wups) over `answers`: the answer, then the second reference
+    where the file has one; `type` picks WUPS or exact match (DB, DC).
+    """
+    path = root / f"{split}.csv"
+    rows = list(csv.DictReader(io.StringIO(read_text(path))))
+    missing = [c for c in NEXTQA_COLUMNS if rows and c not in rows[0]]
+    if missing:
+        raise ArtifactError(f"{path}: no column {', '.join(missing)} (expected {', '.join(NEXTQA_COLUMNS)})")
+    extra_path = root / f"add_reference_answer_{split}.json"
+    extra = expect(load_json(extra_path), dict, extra_path, "top level") if extra_path.exists() else {}
+    mapping_path = root / "map_vid_vidorID.json"
+    mapping = expect(load_json(mapping_path), dict, mapping_path, "top level")
+    records = []
+    for i, row in enumerate(rows):
+        where = f"row {i + 2}"
+        if any(not row[c] for c in NEXTQA_COLUMNS):
+            raise ArtifactError(f"{path}: {where}: empty {', '.join(c for c in NEXTQA_COLUMNS if not row[c])}")
+        video, qid = row["video"], row["qid"]
+        if video not in mapping:
+            raise ArtifactError(f"{path}: {where}: video {video} is not in {mapping_path}")
+        answers = [row["answer"]]
+        second = expect(extra.get(video, {}), dict, extra_path, f"video {video}").get(qid)
+        if second is not None and expect(second, str, extra_path, f"video {video} question {qid}").strip():
+            answers.append(second)
+        records.append({
+            "id": f"nextqa-{video}-{qid}",
+            "video": str(root / "NExTVideo" / f"{field(mapping, video, str, mapping_path, 'top level')}.mp4"),
+            "split": split,
+            "question": row["question"],
+            "answer": row["answer"],
+            "answers": answers,
+            "type": row["type"],
+            "question_id": qid,
+            "video_id": video,
+        })
     return check_unique(records, path)
 
 
