@@ -523,6 +523,16 @@ def test_youcook2_one_record_per_segment_of_the_split():
     assert train["captions"] == ["boil the noodles"]
 
 
+def test_youcook2_finds_the_container_youtube_dl_fetched(tmp_path):
+    copy = copy_fixture("youcook2", tmp_path)
+    folder = copy / "raw_videos" / "validation" / "113"
+    folder.mkdir(parents=True)
+    (folder / "GLd3aX16zBg.webm").write_bytes(b"")
+    assert {r["video"] for r in read_benchmark("youcook2", copy, "val")} == {str(folder / "GLd3aX16zBg.webm")}
+    (folder / "GLd3aX16zBg.mkv").write_bytes(b"")  # .mkv before .webm, as the download script checks
+    assert {r["video"] for r in read_benchmark("youcook2", copy, "val")} == {str(folder / "GLd3aX16zBg.mkv")}
+
+
 def test_youcook2_bad_segment(tmp_path):
     copy = copy_fixture("youcook2", tmp_path)
     data = json.loads((copy / "youcookii_annotations_trainval.json").read_text())

@@ -109,6 +109,9 @@ def read_vatex(root: Path, split: str) -> list[dict]:
     return check_unique(records, path)
 
 
+YOUCOOK2_CONTAINERS = (".mp4", ".mkv", ".webm")
+
+
 def read_youcook2(root: Path, split: str) -> list[dict]:
     """YouCook2 segment captions (Zhou et al., AAAI 2018; youcook2.eecs.umich.edu), splits train
     and val (its test annotations are not public).
@@ -117,7 +120,9 @@ def read_youcook2(root: Path, split: str) -> list[dict]:
         {"database": {"GLGh_mDyWNI": {"subset": "training" | "validation", "recipe_type": "113",
                       "duration", "video_url",
                       "annotations": [{"id": 0, "segment": [90, 102], "sentence"}, ...]}, ...}}
-    root/raw_videos/{training,validation}/{recipe_type}/{video_id}.mp4
+    root/raw_videos/{training,validation}/{recipe_type}/{video_id}.{mp4,mkv,webm}
+        (the dataset's download script keeps whichever container youtube-dl fetched; the first
+        that exists, else .mp4)
 
     One record per annotated segment (start and end in seconds, which bound the clip), with its
     one sentence as `caption` and `captions`; the metric is CIDEr-D.
@@ -131,6 +136,9 @@ def read_youcook2(root: Path, split: str) -> list[dict]:
         if field(video, "subset", str, path, where) != subset:
             continue
         recipe = field(video, "recipe_type", str, path, where)
+        stem = root / "raw_videos" / subset / recipe / video_id
+        file = next((f for f in (stem.with_suffix(s) for s in YOUCOOK2_CONTAINERS) if f.exists()),
+                    stem.with_suffix(YOUCOOK2_CONTAINERS[0]))
         for j, segment in enumerate(field(video, "annotations", list, path, where)):
             at = f"{where}, annotation {j}"
             bounds = field(segment, "segment", list, path, at)
@@ -139,7 +147,7 @@ def read_youcook2(root: Path, split: str) -> list[dict]:
             sentence = field(segment, "sentence", str, path, at).strip()
             records.append({
                 "id": f"youcook2-{video_id}-{field(segment, 'id', int, path, at)}",
-                "video": str(root / "raw_videos" / subset / recipe / f"{video_id}.mp4"),
+                "video": str(file),
                 "split": split, "caption": sentence, "captions": [sentence], "video_id": video_id,
                 "start": float(bounds[0]), "end": float(bounds[1]),
             })
