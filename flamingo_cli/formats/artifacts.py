@@ -220,15 +220,24 @@ def storage_errors(path: str | Path):
 @contextlib.contextmanager
 def signals_deferred():
     """SIGINT and SIGTERM held back while a multi-step rename runs, and delivered right after,
-    so an interrupted run never leaves a directory half replaced."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    so an interrupted run never leaves a directory half replaced.
+
+    The Python handlers are swapped for ones that only note the signal, rather than the signals
+    masked: a mask covers the calling thread alone, and the kernel hands a process-wide signal
+    to any thread that does not block it (torch's worker threads), whose arrival then runs the
+    handler in the main thread anyway."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    held: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if held:
+            signal.raise_signal(held[0])
 
 
 def default_umask() -> int:
