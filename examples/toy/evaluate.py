@@ -1,6 +1,6 @@
 """Evidence that the toy Flamingo learned its world and learns from shots in context.
 
-    python evaluate.py --ckpt CKPT --out DIR [--n 100] [--no-ablation]
+    python evaluate.py --ckpt CKPT --out DIR [--n 100] [--videos 24] [--no-ablation]
 
 Every image and episode here is drawn from seeds that training never uses. It measures:
 
@@ -12,7 +12,9 @@ Every image and episode here is drawn from seeds that training never uses. It me
   by `generate` (exact match) and by `score` (ranked among every caption, colour and shape);
 - novel labels at 0, 1, 2 and 4 shots: 2-way and 4-way episodes binding label words never
   seen in training to items; by `generate` and by `score` (ranked among the episode's words);
-- the same curves by `score` with every gate forced to 0: the bare LM, the ablation.
+- the same curves by `score` with every gate forced to 0: the bare LM, the ablation;
+- held-out video questions whose answers need the order of frames, with their ablations
+  (video_evidence.py).
 
 Prompts are built by the library the `prompt` stage uses (templates from stages/prompt) and
 run through the functions the `generate` and `score` stages call. Writes DIR/results.json,
@@ -31,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import world  # noqa: E402
+from video_evidence import Clips, video_evidence, video_table  # noqa: E402
 
 from flamingo_cli.formats.checkpoint import load_checkpoint  # noqa: E402
 from flamingo_cli.inference.generation import batches, generate_records  # noqa: E402
@@ -240,7 +243,7 @@ def zero_gates(model) -> None:
             block.ff_gate.zero_()
 
 
-def evaluate(ckpt: str, out: Path, n: int, *, captions: int = 50, ablation: bool = True,
+def evaluate(ckpt: str, out: Path, n: int, *, captions: int = 50, videos: int = 24, ablation: bool = True,
              metrics: Path | None = None) -> dict:
     from flamingo_cli.formats.checkpoint import load_encoder
 
@@ -255,7 +258,8 @@ def evaluate(ckpt: str, out: Path, n: int, *, captions: int = 50, ablation: bool
     results = {"n": n, "checkpoint": str(ckpt),
                "fixed_captions": {"n": captions, "accuracy": caption_accuracy(runner, images, captions, support)},
                "encoder_probe": encoders, **held_out(runner, images, n, support),
-               "curves": curves(runner, n, support, images)}
+               "curves": curves(runner, n, support, images),
+               "video": video_evidence(model, Runner, Clips(out / "videos"), n, fixed=videos)}
     if metrics is not None and metrics.exists():
         results["gates"] = gate_table(metrics)
     if ablation:
@@ -301,7 +305,7 @@ def table(results: dict) -> str:
         for step, gates in results["gates"].items():
             lines.append(f"| {step} | " + " | ".join(
                 f"{gates[i]['attn']:.2f} / {gates[i]['ffw']:.2f}" for i in layers) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + video_table(results["video"])
 
 
 def plot(results: dict, path: Path) -> None:
@@ -339,6 +343,7 @@ def main() -> None:
     parser.add_argument("--out", default="results")
     parser.add_argument("--n", type=int, default=100, help="queries (or episodes) per cell")
     parser.add_argument("--captions", type=int, default=50, help="fixed held-out images for the caption check")
+    parser.add_argument("--videos", type=int, default=24, help="fixed held-out clips for the video check")
     parser.add_argument("--no-ablation", action="store_true")
     parser.add_argument("--metrics", type=Path, help="the pretraining run's metrics.jsonl, for the gate table")
     args = parser.parse_args()
@@ -346,7 +351,8 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()
     out = Path(args.out)
-    results = evaluate(args.ckpt, out, args.n, captions=args.captions, ablation=not args.no_ablation,
+    results = evaluate(args.ckpt, out, args.n, captions=args.captions, videos=args.videos,
+                       ablation=not args.no_ablation,
                        metrics=args.metrics)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(table(results))

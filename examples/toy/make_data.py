@@ -1,11 +1,14 @@
 """Write the toy world's training data, in the formats the flamingo stages read.
 
-    python make_data.py OUT_DIR [--pairs N] [--docs N]
+    python make_data.py OUT_DIR [--pairs N] [--docs N] [--videos N]
 
 OUT_DIR/tokenizer/      the world's tokenizer (save_pretrained), for the LM and the text tower
 OUT_DIR/images/         one PNG per training image
 OUT_DIR/pairs.jsonl     {"id", "image", "caption"}: for `flamingo contrastive` and caption pairs
 OUT_DIR/docs.jsonl      {"id", "images", "segments"}: interleaved few-shot documents
+OUT_DIR/videos/         one MP4 per training clip (10 s at 3 FPS)
+OUT_DIR/vtp.jsonl       {"id", "video", "caption"}: video-text pairs, the text a caption or the
+                        clip's question and answer
 
 Only training colour-shape combinations and training label words appear. Seeds here are
 the training seeds; evaluate.py draws from seeds of its own.
@@ -17,6 +20,7 @@ with DIR/shots/), the files `make demo` runs on.
 """
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import sys
@@ -34,7 +38,12 @@ def write_image(item: world.Item, path: Path, records_dir: Path) -> str:
     return os.path.relpath(path, records_dir)
 
 
-def training_data(out: Path, pairs: int, docs: int) -> None:
+def write_clip(args: tuple) -> None:
+    clip, path = args
+    clip.write(path)
+
+
+def training_data(out: Path, pairs: int, docs: int, videos: int) -> None:
     world.build_tokenizer().save_pretrained(out / "tokenizer")
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -49,6 +58,17 @@ def training_data(out: Path, pairs: int, docs: int) -> None:
             items, segments = world.document(rng)
             paths = [write_image(it, images / f"doc-{i:06d}-{j}.png", out) for j, it in enumerate(items)]
             f.write(json.dumps({"id": f"doc-{i:06d}", "images": paths, "segments": segments}) + "\n")
+    # Clips from a seed of their own, so --videos leaves the images and documents as they were.
+    rng = random.Random(TRAIN_SEED + 1)
+    (out / "videos").mkdir(exist_ok=True)
+    clips = [world.random_clip(rng) for _ in range(videos)]
+    paths = [out / "videos" / f"clip-{i:06d}.mp4" for i in range(videos)]
+    with multiprocessing.Pool(min(4, os.cpu_count() or 1)) as pool:
+        pool.map(write_clip, zip(clips, paths), chunksize=16)
+    with open(out / "vtp.jsonl", "w", encoding="utf-8") as f:
+        for i, (clip, path) in enumerate(zip(clips, paths)):
+            f.write(json.dumps({"id": f"clip-{i:06d}", "video": os.path.relpath(path, out),
+                                "caption": world.clip_text(rng, clip)}) + "\n")
 
 
 def demo_files(out: Path) -> None:
@@ -73,12 +93,13 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--pairs", type=int, default=12000)
     parser.add_argument("--docs", type=int, default=8000)
+    parser.add_argument("--videos", type=int, default=4000)
     parser.add_argument("--demo", action="store_true", help="write the demo's images and shots instead")
     args = parser.parse_args()
     if args.demo:
         demo_files(Path(args.out))
     else:
-        training_data(Path(args.out), args.pairs, args.docs)
+        training_data(Path(args.out), args.pairs, args.docs, args.videos)
 
 
 if __name__ == "__main__":

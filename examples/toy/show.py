@@ -1,4 +1,4 @@
-"""Print records readably: each record's image file name and one field, e.g. a stage's `output`.
+"""Print records readably: each record's image (or video) file name and one field, e.g. a stage's `output`.
 
     flamingo encode imgs/ | flamingo generate --shots shots.jsonl | python show.py output
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 def main(field: str) -> None:
     for line in sys.stdin:
         record = json.loads(line)
-        name = Path(record.get("image") or str(record.get("id", "?"))).name
+        name = Path(record.get("image") or record.get("video") or str(record.get("id", "?"))).name
         print(f"{name:<24} {record.get(field, '')}")
 
 

@@ -1,6 +1,8 @@
 """A procedural visual world small enough to train Flamingo on two CPU cores.
 
-Images are coloured shapes on noisy backgrounds; text is captions, questions and answers,
+Images are coloured shapes on noisy backgrounds; videos are ten-second clips of one shape that
+slides left, right, up or down, or that becomes another colour partway through, so only the order
+of their frames tells the answer; text is captions, questions and answers,
 and few-shot episodes that bind made-up label words (pairs of syllables, like "dako") to
 items for the length of one episode. Some colour-shape combinations and some label words
 are held out of every training set, text included, so evaluation can measure what the
@@ -15,6 +17,7 @@ import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 COLOURS = {
@@ -35,10 +38,17 @@ SYLLABLES = [c + v for c in CONSONANTS for v in VOWELS]
 IMAGE_SIZE = 32
 
 QUESTIONS = {"colour": "What colour is the shape?", "shape": "What shape is it?"}
-# Every word the world writes, for the tokenizer's vocabulary.
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+VIDEO_QUESTIONS = {"direction": "Which way does it slide?", "becomes": "What colour does it become?"}
+# Ten seconds at 3 FPS: the paper's evaluation sampling (30 frames at 3 FPS) reads every frame,
+# its training sampling (8 frames at 1 FPS) a random eight-second window.
+VIDEO_FRAMES, VIDEO_FPS = 30, 3
+# Every word the world writes, for the tokenizer's vocabulary. None is two consonant-vowel
+# syllables, so adding words never changes the label words.
 WORDS = ["a", "an", "is", "the", "of", "and", "this", "This", "picture", "shows", "Output", "Question", "Answer",
          "What", "colour", "shape", "it", "here", "Here", "page", "pictures", "A", "with", "on",
-         *COLOURS, *SHAPES, ".", ",", ":", "?"]
+         *COLOURS, *SHAPES, ".", ",", ":", "?",
+         "Which", "way", "does", "slide", "slides", *DIRECTIONS, "become", "becomes"]
 
 
 def _label_words() -> tuple[list[str], list[str]]:
@@ -99,30 +109,119 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
     return None  # circle
 
 
-def draw(colour: str, shape: str, seed: int, size: int = IMAGE_SIZE) -> Image.Image:
-    """One image: the shape at a random place, size and slight rotation, on a dark, tinted,
-    noisy background. Drawn at 4x and downsampled, so edges are antialiased."""
-    rng = random.Random(seed)
-    scale = 4
-    big = size * scale
+def _background(rng: random.Random) -> tuple[int, int, int]:
     grey = rng.randint(15, 95)
-    background = tuple(max(0, min(255, grey + rng.randint(-18, 18))) for _ in range(3))
-    image = Image.new("RGB", (big, big), background)
+    return tuple(max(0, min(255, grey + rng.randint(-18, 18))) for _ in range(3))
+
+
+def _fill(rng: random.Random, colour: str) -> tuple[int, int, int]:
+    return tuple(max(0, min(255, v + rng.randint(-20, 20))) for v in COLOURS[colour])
+
+
+def _render(background, fill, shape: str, cx: float, cy: float, r: float, angle: float, size: int) -> Image.Image:
+    """The shape drawn at 4x on a plain background and downsampled, so edges are antialiased."""
+    image = Image.new("RGB", (size * 4, size * 4), background)
     pen = ImageDraw.Draw(image)
-    r = rng.uniform(0.2, 0.34) * big
-    cx, cy = rng.uniform(r * 1.2, big - r * 1.2), rng.uniform(r * 1.2, big - r * 1.2)
-    fill = tuple(max(0, min(255, v + rng.randint(-20, 20))) for v in COLOURS[colour])
-    points = _polygon(shape, cx, cy, r, rng.uniform(-0.2, 0.2))
+    points = _polygon(shape, cx, cy, r, angle)
     if points is None:
         pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     else:
         pen.polygon(points, fill=fill)
-    image = image.resize((size, size), Image.BILINEAR)
-    # Pixel noise from the same seed, so an image is a pure function of its Item.
-    noise = random.Random(seed ^ 0x5EED)
-    sigma = rng.uniform(3, 12)
+    return image.resize((size, size), Image.BILINEAR)
+
+
+def _noisy(image: Image.Image, noise: random.Random, sigma: float) -> Image.Image:
     data = bytes(max(0, min(255, int(v + noise.gauss(0, sigma)))) for v in image.tobytes())
     return Image.frombytes("RGB", image.size, data)
+
+
+def draw(colour: str, shape: str, seed: int, size: int = IMAGE_SIZE) -> Image.Image:
+    """One image: the shape at a random place, size and slight rotation, on a dark, tinted,
+    noisy background."""
+    rng = random.Random(seed)
+    big = size * 4
+    background = _background(rng)
+    r = rng.uniform(0.2, 0.34) * big
+    cx, cy = rng.uniform(r * 1.2, big - r * 1.2), rng.uniform(r * 1.2, big - r * 1.2)
+    fill = _fill(rng, colour)
+    image = _render(background, fill, shape, cx, cy, r, rng.uniform(-0.2, 0.2), size)
+    # Pixel noise from the same seed, so an image is a pure function of its Item.
+    return _noisy(image, random.Random(seed ^ 0x5EED), rng.uniform(3, 12))
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A video of one shape: it slides `direction` across the frame, or, standing still, becomes
+    the colour `becomes` at a frame in the middle third."""
+    colour: str
+    shape: str
+    seed: int
+    direction: str | None = None
+    becomes: str | None = None
+
+    @property
+    def task(self) -> str:
+        return "direction" if self.direction else "becomes"
+
+    @property
+    def caption(self) -> str:
+        change = f"slides {self.direction}" if self.direction else f"becomes {self.becomes}"
+        return f"{article(self.colour)} {self.colour} {self.shape} {change}"
+
+    def answer(self, task: str) -> str:
+        """The answer for a task: caption, direction or becomes."""
+        return {"caption": self.caption, "direction": self.direction, "becomes": self.becomes}[task]
+
+    def frames(self, size: int = IMAGE_SIZE) -> list[Image.Image]:
+        rng = random.Random(self.seed)
+        big = size * 4
+        background = _background(rng)
+        r = rng.uniform(0.16, 0.22) * big
+        lo, hi = r * 1.2, big - r * 1.2
+        cx, cy = rng.uniform(lo, hi), rng.uniform(lo, hi)
+        angle = rng.uniform(-0.2, 0.2)
+        fills = [_fill(rng, self.colour), _fill(rng, self.becomes or self.colour)]
+        change = rng.randint(VIDEO_FRAMES // 3, 2 * VIDEO_FRAMES // 3)
+        sigma = rng.uniform(3, 12)
+        dx, dy = DIRECTIONS.get(self.direction, (0, 0))
+        # numpy's noise, not the images' per-pixel Python loop: a clip has 30 frames
+        noise = np.random.Generator(np.random.PCG64(self.seed)).normal(0, sigma, (VIDEO_FRAMES, size, size, 3))
+        frames = []
+        for t in range(VIDEO_FRAMES):
+            along = lo + (hi - lo) * t / (VIDEO_FRAMES - 1)  # from one side to the other
+            x = (along if dx > 0 else lo + hi - along) if dx else cx
+            y = (along if dy > 0 else lo + hi - along) if dy else cy
+            image = np.asarray(_render(background, fills[t >= change], self.shape, x, y, r, angle, size), float)
+            frames.append(Image.fromarray(np.clip(image + noise[t], 0, 255).astype(np.uint8)))
+        return frames
+
+    def write(self, path, crf: int = 4) -> None:
+        """The clip as an H.264 MP4 at VIDEO_FPS (by default near-lossless: colours survive)."""
+        import av
+
+        with av.open(str(path), "w") as out:
+            stream = out.add_stream("libx264", rate=VIDEO_FPS, options={"crf": str(crf)})
+            stream.width = stream.height = IMAGE_SIZE
+            stream.pix_fmt = "yuv444p"
+            for image in self.frames():
+                out.mux(stream.encode(av.VideoFrame.from_ndarray(np.asarray(image), format="rgb24")))
+            out.mux(stream.encode())
+
+
+def random_clip(rng: random.Random, combos=TRAIN_COMBOS) -> Clip:
+    colour, shape = rng.choice(combos)
+    if rng.random() < 0.5:
+        return Clip(colour, shape, rng.getrandbits(32), direction=rng.choice(list(DIRECTIONS)))
+    # The colour it becomes keeps the shape a training combination too: held-out ones never show.
+    after = [c for c in COLOURS if c != colour and (c, shape) in combos]
+    return Clip(colour, shape, rng.getrandbits(32), becomes=rng.choice(after))
+
+
+def clip_text(rng: random.Random, clip: Clip) -> str:
+    """A video-text pair's text: its caption, or its question and answer."""
+    if rng.random() < 0.5:
+        return clip.caption
+    return f"Question: {VIDEO_QUESTIONS[clip.task]} Answer: {clip.answer(clip.task)}"
 
 
 # -- the tokenizer -------------------------------------------------------------------------
@@ -176,6 +275,11 @@ def repeated_span(rng: random.Random, vocabulary: list[str]) -> str:
 
 def world_text(rng: random.Random) -> str:
     """Captions, questions and task documents of the world, in the prompt formats."""
+    if rng.random() < 0.25:  # videos: captions, or their questions
+        clips = [random_clip(rng) for _ in range(rng.randint(2, 6))]
+        if rng.random() < 0.5:
+            return " ".join(f"Output: {clip.caption} ." for clip in clips)
+        return " ".join(f"Question: {VIDEO_QUESTIONS[c.task]} Answer: {c.answer(c.task)} ." for c in clips)
     items = [random_item(rng) for _ in range(rng.randint(2, 6))]
     kind = rng.random()
     if kind < 0.4:

@@ -124,10 +124,13 @@ def pad_media(media: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 class MediaResolver:
-    """Turns media entries into a model's visual tokens (l, d), checking identities."""
+    """Turns media entries into a model's visual tokens (l, d), checking identities. Video paths
+    are sampled by `sampling` (the paper's evaluation sampling by default)."""
 
-    def __init__(self, model, *, load_encoder=None, device: str = "cpu", memo: int = 1024):
+    def __init__(self, model, *, load_encoder=None, device: str = "cpu", memo: int = 1024,
+                 sampling: FrameSampling = EVAL_SAMPLING):
         self.model = model
+        self.sampling = sampling
         self.load_encoder = load_encoder
         self.device = device
         self.memo: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -143,7 +146,7 @@ class MediaResolver:
         if self._transform is None:
             self._transform = self._encoder.transform()
         if is_video_file(path):
-            frames, _ = read_video(path, EVAL_SAMPLING)
+            frames, _ = read_video(path, self.sampling)
         else:
             frames = [read_image(path)]
         pixels = torch.stack([self._transform(frame) for frame in frames]).to(self.device)

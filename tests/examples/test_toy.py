@@ -36,8 +36,13 @@ def test_held_out_words_and_combinations_never_reach_training_text(tmp_path):
         assert not set(text.split()) & held_out_labels, text
         assert not any(item in text for item in held_out_items), text
 
-    subprocess.run([sys.executable, str(TOY / "make_data.py"), str(tmp_path), "--pairs", "200", "--docs", "100"],
-                   check=True)
+    subprocess.run([sys.executable, str(TOY / "make_data.py"), str(tmp_path), "--pairs", "200", "--docs", "100",
+                    "--videos", "40"], check=True)
+    for line in (tmp_path / "vtp.jsonl").read_text().splitlines():
+        assert not set(re.findall(r"\w+", json.loads(line)["caption"])) & held_out_labels
+    rng = random.Random(1)
+    for clip in (world.random_clip(rng) for _ in range(500)):  # before and after a change: training combinations
+        assert (clip.colour, clip.shape) in world.TRAIN_COMBOS and (clip.becomes or clip.colour, clip.shape) in world.TRAIN_COMBOS
     for line in (tmp_path / "pairs.jsonl").read_text().splitlines():
         assert json.loads(line)["caption"] not in held_out_captions
     for line in (tmp_path / "docs.jsonl").read_text().splitlines():
@@ -59,6 +64,34 @@ def test_label_words_tokenize_into_known_syllables():
     assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == "Output : a red circle"
 
 
+def test_the_vocabulary_has_each_word_once_and_video_text_tokenizes():
+    tokenizer = world.build_tokenizer()
+    assert len(tokenizer) == len(set(tokenizer.get_vocab()))
+    ids = tokenizer("Question: Which way does it slide? Answer: left . a red circle becomes blue").input_ids
+    assert tokenizer.unk_token_id not in ids and max(ids) < len(tokenizer)
+
+
+def test_clips_move_or_change_colour_in_the_order_their_answer_says():
+    import numpy as np
+
+    def centroid(image, colour):
+        pixels = np.asarray(image, float)
+        near = np.linalg.norm(pixels - np.array(world.COLOURS[colour]), axis=-1) < 60
+        ys, xs = np.nonzero(near)
+        return xs.mean(), ys.mean(), near.sum()
+
+    for direction, (dx, dy) in world.DIRECTIONS.items():
+        frames = world.Clip("yellow", "square", 7, direction=direction).frames()
+        (x0, y0, _), (x1, y1, _) = centroid(frames[0], "yellow"), centroid(frames[-1], "yellow")
+        assert np.sign(round(x1 - x0)) == dx and np.sign(round(y1 - y0)) == dy, direction
+    frames = world.Clip("red", "circle", 7, becomes="blue").frames()
+    assert len(frames) == world.VIDEO_FRAMES
+    assert centroid(frames[0], "red")[2] > 20 and centroid(frames[0], "blue")[2] == 0
+    assert centroid(frames[-1], "blue")[2] > 20 and centroid(frames[-1], "red")[2] == 0
+    assert [np.asarray(f).tobytes() for f in frames] == [np.asarray(f).tobytes() for f in
+                                                         world.Clip("red", "circle", 7, becomes="blue").frames()]
+
+
 def test_images_are_a_pure_function_of_the_item():
     item = world.Item("red", "circle", 42)
     assert item.image().tobytes() == world.Item("red", "circle", 42).image().tobytes()
@@ -74,7 +107,8 @@ def test_tiny_recipe_runs_end_to_end(tmp_path):
     out, results = tmp_path / "out", tmp_path / "results"
     sizes = dict(OUT=out, RESULTS=results, PYTHON=sys.executable, PAIRS=48, DOCS=16, LM_STEPS=2,
                  LM_EVAL_EPISODES=2, CONTRASTIVE_STEPS=2, CONTRASTIVE_BATCH=16, PRETRAIN_STEPS=2, DOCS_BATCH=4,
-                 PAIRS_BATCH=4, SAVE_EVERY=1, SHARD_SIZE=32, EVAL_N=1, EVAL_CAPTIONS=2)
+                 PAIRS_BATCH=4, SAVE_EVERY=1, SHARD_SIZE=32, EVAL_N=1, EVAL_CAPTIONS=2, VIDEOS=8, VTP_BATCH=4,
+                 EVAL_VIDEOS=2)
     r = subprocess.run(["make", "-C", str(TOY), "all", "eval", *(f"{k}={v}" for k, v in sizes.items())],
                        env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -83,7 +117,7 @@ def test_tiny_recipe_runs_end_to_end(tmp_path):
     metrics = [json.loads(line) for line in (out / "encoder" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     run_metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in run_metrics] == [1, 2] and set(run_metrics[0]["loss"]) == {"docs", "pairs"}
+    assert [m["step"] for m in run_metrics] == [1, 2] and set(run_metrics[0]["loss"]) == {"docs", "pairs", "vtp"}
 
     from safetensors.torch import load_file
 
@@ -94,7 +128,8 @@ def test_tiny_recipe_runs_end_to_end(tmp_path):
     for name, tensor in model.encoder.model.state_dict().items():
         assert (tensor == trained[name]).all(), f"the checkpoint's encoder is not the contrastive one: {name}"
     summary = json.loads((results / "results.json").read_text())
-    assert {"held_out_images", "held_out_combos", "curves", "ablation_gates_0"} <= set(summary)
+    assert {"held_out_images", "held_out_combos", "curves", "ablation_gates_0", "video"} <= set(summary)
+    assert {"0_shots", "4_shots", "time_embeddings_zeroed", "shuffled_frames", "8_frames"} <= set(summary["video"]["direction"])
     assert set(summary["curves"]["labels_2way"]) == {"0", "1", "2", "4"}
     assert (results / "fewshot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| task from context |" in (results / "results.md").read_text()
