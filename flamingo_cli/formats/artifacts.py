@@ -219,13 +219,9 @@ def storage_errors(path: str | Path):
 
 @contextlib.contextmanager
 def signals_deferred():
-    """SIGINT and SIGTERM held back while a multi-step rename runs, and delivered right after,
-    so an interrupted run never leaves a directory half replaced.
-
-    The Python handlers are swapped for ones that only note the signal, rather than the signals
-    masked: a mask covers the calling thread alone, and the kernel hands a process-wide signal
-    to any thread that does not block it (torch's worker threads), whose arrival then runs the
-    handler in the main thread anyway."""
+    """SIGINT and SIGTERM held back while a multi-step rename runs, and delivered right after.
+    Handlers are swapped, not signals masked: a mask covers one thread, and the kernel may hand
+    the signal to another (torch's), which still runs the handler in the main thread."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -234,8 +230,7 @@ def signals_deferred():
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        [signal.signal(signum, handler) for signum, handler in previous.items()]
         if held:
             signal.raise_signal(held[0])
 
