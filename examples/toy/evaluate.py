@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import world  # noqa: E402
-from video_evidence import Clips, video_evidence, video_table  # noqa: E402
+from video_evidence import video_evidence, video_table  # noqa: E402
 
 from flamingo_cli.formats.checkpoint import load_checkpoint  # noqa: E402
 from flamingo_cli.inference.generation import batches, generate_records  # noqa: E402
@@ -49,17 +49,22 @@ SEEDS = {"probe": 40_000, "support": 70_000, "held_out_images": 50_000, "held_ou
 MAX_NEW_TOKENS = 8
 
 
-class Images:
-    """Writes evaluation images once, as PNG files the stages read like any user's images."""
+class MediaFiles:
+    """Writes evaluation images (PNG) and clips (MP4) once, as files the stages read like any user's."""
 
     def __init__(self, root: Path):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
 
-    def path(self, item: world.Item) -> str:
-        path = self.root / f"{item.colour}-{item.shape}-{item.seed:010d}.png"
+    def path(self, media: world.Item | world.Clip) -> str:
+        if isinstance(media, world.Clip):
+            path = self.root / f"{media.colour}-{media.shape}-{media.task}-{media.seed:010d}.mp4"
+            write = media.write
+        else:
+            path = self.root / f"{media.colour}-{media.shape}-{media.seed:010d}.png"
+            write = media.image().save
         if not path.exists():
-            item.image().save(path)
+            write(path)
         return str(path)
 
 
@@ -68,7 +73,7 @@ def items(seed: int, n: int, combos=world.TRAIN_COMBOS) -> list[world.Item]:
     return [world.random_item(rng, combos) for _ in range(n)]
 
 
-def record(item: world.Item, images: Images, key: str, **fields) -> dict:
+def record(item: world.Item, images: MediaFiles, key: str, **fields) -> dict:
     return {"id": key, "image": images.path(item), "caption": item.caption, "colour": item.colour,
             "shape": item.shape, **fields}
 
@@ -94,7 +99,7 @@ def accuracy(predictions: list[str], truths: list[str]) -> float:
     return sum(p == t for p, t in zip(predictions, truths)) / len(truths)
 
 
-def qa_records(queries: list[world.Item], support: list[world.Item], images: Images, task: str) -> list[dict]:
+def qa_records(queries: list[world.Item], support: list[world.Item], images: MediaFiles, task: str) -> list[dict]:
     """VQA-template prompts (4 shots) for one question type, or captioning prompts."""
     if task == "caption":
         template = load_template("captioning")
@@ -108,7 +113,7 @@ def qa_records(queries: list[world.Item], support: list[world.Item], images: Ima
             for i, it in enumerate(queries)]
 
 
-def held_out(runner: Runner, images: Images, n: int, support: list[world.Item]) -> dict:
+def held_out(runner: Runner, images: MediaFiles, n: int, support: list[world.Item]) -> dict:
     out = {}
     for name, combos in (("held_out_images", world.TRAIN_COMBOS), ("held_out_combos", world.TEST_COMBOS)):
         queries = items(SEEDS[name], n, combos)
@@ -117,13 +122,13 @@ def held_out(runner: Runner, images: Images, n: int, support: list[world.Item]) 
     return out
 
 
-def caption_accuracy(runner: Runner, images: Images, n: int, support: list[world.Item]) -> float:
+def caption_accuracy(runner: Runner, images: MediaFiles, n: int, support: list[world.Item]) -> float:
     """Caption exact match on the first n held-out images (4 shots): the number the test suite checks."""
     queries = items(SEEDS["held_out_images"], n)
     return accuracy(runner.generate(qa_records(queries, support, images, "caption")), [q.caption for q in queries])
 
 
-def task_records(n: int, k: int, support: list[world.Item], images: Images) -> list[dict]:
+def task_records(n: int, k: int, support: list[world.Item], images: MediaFiles) -> list[dict]:
     """Task from context: one task per query, drawn at random; shots answer that task."""
     template = load_template("captioning")
     rng = random.Random(SEEDS["tasks"] + k)
@@ -136,7 +141,7 @@ def task_records(n: int, k: int, support: list[world.Item], images: Images) -> l
     return out
 
 
-def bare_task_records(n: int, images: Images) -> list[dict]:
+def bare_task_records(n: int, images: MediaFiles) -> list[dict]:
     """Task from context with no context at all: the query image alone, no text examples either.
     What the model does unprompted, against which the paper's zero-shot prompt (two text-only
     examples, which do name the task) is read."""
@@ -150,7 +155,7 @@ ALL_ANSWERS = sorted({world.Item(c, s, 0).caption for c in world.COLOURS for s i
                      | set(world.COLOURS) | set(world.SHAPES))
 
 
-def label_records(n: int, ways: int, k: int, images: Images) -> list[dict]:
+def label_records(n: int, ways: int, k: int, images: MediaFiles) -> list[dict]:
     """Novel labels: `ways` items bound to held-out label words; k shots in all (each item
     shown at least once when k >= ways), then a new image of one of the items."""
     template = load_template("classification")
@@ -173,7 +178,7 @@ def label_records(n: int, ways: int, k: int, images: Images) -> list[dict]:
     return out
 
 
-def curves(runner: Runner, n: int, support: list[world.Item], images: Images, *, generate: bool = True) -> dict:
+def curves(runner: Runner, n: int, support: list[world.Item], images: MediaFiles, *, generate: bool = True) -> dict:
     out = {"tasks": {}, "labels_2way": {}, "labels_4way": {}}
     records = bare_task_records(n, images)
     out["tasks_without_examples"] = {"score": accuracy(runner.score(records, lambda r: ALL_ANSWERS),
@@ -195,7 +200,7 @@ def curves(runner: Runner, n: int, support: list[world.Item], images: Images, *,
     return out
 
 
-def probe(encoder, images: Images, n_train: int = 1200, n_test: int = 600) -> dict:
+def probe(encoder, images: MediaFiles, n_train: int = 1200, n_test: int = 600) -> dict:
     """Linear-probe accuracy of pooled encoder features for colour and shape: what a frozen
     encoder hands the resampler. Trained on one set of images, tested on another."""
     from flamingo_cli.training.contrastive import pooled_features
@@ -250,16 +255,16 @@ def evaluate(ckpt: str, out: Path, n: int, *, captions: int = 50, videos: int = 
     torch.manual_seed(0)
     model = load_checkpoint(ckpt).eval()
     random_init = load_encoder(dataclasses.replace(model.config.encoder, weights=None))
-    encoders = {"random_init": probe(random_init, Images(out / "images")),
-                "contrastive": probe(model.encoder, Images(out / "images"))}
+    encoders = {"random_init": probe(random_init, MediaFiles(out / "images")),
+                "contrastive": probe(model.encoder, MediaFiles(out / "images"))}
     runner = Runner(model, MediaResolver(model))
-    images = Images(out / "images")
+    images = MediaFiles(out / "images")
     support = items(SEEDS["support"], 64)
     results = {"n": n, "checkpoint": str(ckpt),
                "fixed_captions": {"n": captions, "accuracy": caption_accuracy(runner, images, captions, support)},
                "encoder_probe": encoders, **held_out(runner, images, n, support),
                "curves": curves(runner, n, support, images),
-               "video": video_evidence(model, Runner, Clips(out / "videos"), n, fixed=videos)}
+               "video": video_evidence(model, Runner, MediaFiles(out / "videos"), n, fixed=videos)}
     if metrics is not None and metrics.exists():
         results["gates"] = gate_table(metrics)
     if ablation:

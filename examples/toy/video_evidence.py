@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,24 +25,13 @@ from flamingo_cli.inference.media import MediaResolver
 from flamingo_cli.inference.prompting import load_template, make_prompt_record
 from flamingo_cli.inference.video import FrameSampling
 
+if TYPE_CHECKING:
+    from evaluate import MediaFiles
+
 SEEDS = {"support": 71_000, "queries": 51_000, "fixed": 52_000, "shuffle": 53_000}
 VIDEO_TASKS = ("direction", "becomes")
 CANDIDATES = {"direction": list(world.DIRECTIONS), "becomes": list(world.COLOURS)}
 TRAINING_SAMPLING = FrameSampling(frames=8, fps=1, clip="center")
-
-
-class Clips:
-    """Writes evaluation clips once, as MP4 files the stages read like any user's videos."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-
-    def path(self, clip: world.Clip) -> str:
-        path = self.root / f"{clip.colour}-{clip.shape}-{clip.task}-{clip.seed:010d}.mp4"
-        if not path.exists():
-            clip.write(path)
-        return str(path)
 
 
 def clips(seed: int, n: int, task: str) -> list[world.Clip]:
@@ -55,7 +45,7 @@ def clips(seed: int, n: int, task: str) -> list[world.Clip]:
     return out
 
 
-def video_records(queries: list[world.Clip], support: list[world.Clip], files: Clips, task: str, k: int) -> list[dict]:
+def video_records(queries: list[world.Clip], support: list[world.Clip], files: MediaFiles, task: str, k: int) -> list[dict]:
     template = load_template("vqa")
 
     def make(clip, key):
@@ -90,7 +80,7 @@ def run(runner, records: list[dict], task: str, *, generate: bool) -> dict:
     return entry
 
 
-def fixed_accuracy(runner, files: Clips, n: int) -> float:
+def fixed_accuracy(runner, files: MediaFiles, n: int) -> float:
     """4-shot `score` accuracy on n fixed held-out clips, half of each task: what the test checks."""
     right = 0
     for task in VIDEO_TASKS:
@@ -99,7 +89,7 @@ def fixed_accuracy(runner, files: Clips, n: int) -> float:
     return right / (2 * (n // 2))
 
 
-def video_evidence(model, make_runner, files: Clips, n: int, fixed: int = 24) -> dict:
+def video_evidence(model, make_runner, files: MediaFiles, n: int, fixed: int = 24) -> dict:
     """The video results; make_runner(model, resolver) is evaluate.py's Runner."""
     plain = make_runner(model, MediaResolver(model))
     out: dict = {"n": n, "fixed_videos": {"n": fixed, "accuracy": fixed_accuracy(plain, files, fixed)}}

@@ -220,8 +220,7 @@ def storage_errors(path: str | Path):
 @contextlib.contextmanager
 def signals_deferred():
     """SIGINT and SIGTERM held back while a multi-step rename runs, and delivered right after.
-    Handlers are swapped, not signals masked: a mask covers one thread, and the kernel may hand
-    the signal to another (torch's), which still runs the handler in the main thread."""
+    Handlers are swapped, not signals masked: a mask covers one thread, not torch's others."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -230,7 +229,8 @@ def signals_deferred():
     try:
         yield
     finally:
-        [signal.signal(signum, handler) for signum, handler in previous.items()]
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         if held:
             signal.raise_signal(held[0])
 
