@@ -53,7 +53,7 @@ def contrastive(input, out_dir, encoder, encoder_arg, tokenizer, steps, batch_si
     single_process("contrastive")
     quiet_libraries(quiet)
     kwargs = {key: yaml.safe_load(value) for key, value in key_values(encoder_arg, "--encoder-arg")}
-    records = input_records(input)
+    records = list(input_records(input))  # training draws batches from all of them
     check_pair_records(records)
     tok = load_caption_tokenizer(tokenizer)
     if text_width % ContrastiveConfig.text_heads:

@@ -5,10 +5,12 @@ Configuration precedence: flag > FLAMINGO_<CMD>_<OPT> environment variable > --c
 """
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import sys
 import traceback
+from collections.abc import Iterable, Iterator
 
 import click
 
@@ -228,21 +230,23 @@ def say_derived_ids(first: str) -> None:
                f"their line ({first}, ...)", err=True)
 
 
-def input_records(source: str) -> list[dict]:
-    """All records of a file or of stdin ('-'); empty input is an error."""
-    from ..formats.artifacts import ArtifactError, read_records, read_records_file
+def input_records(source: str) -> Iterator[dict]:
+    """The records of a file or of stdin ('-'), read as they are consumed, so a stage works on
+    the first batch while the rest is still arriving. Empty input is an error here, before any
+    model loads; a bad line later on is an error when it is reached."""
+    from ..formats.artifacts import ArtifactError
+    from ..formats.records import iter_records_file, read_records
 
     if source == "-":
         if sys.stdin.isatty():
             raise click.UsageError("no input: pipe JSON Lines records in, or name a file (- means stdin)")
-        records = list(read_records(sys.stdin.buffer, "<stdin>", on_derived_id=say_derived_ids))
-        name = "<stdin>"
+        records = read_records(sys.stdin.buffer, "<stdin>", on_derived_id=say_derived_ids)
     else:
-        records = read_records_file(source, on_derived_id=say_derived_ids)
-        name = source
-    if not records:
-        raise ArtifactError(f"{name}: no records")
-    return records
+        records = iter_records_file(source, on_derived_id=say_derived_ids)
+    first = next(records, None)
+    if first is None:
+        raise ArtifactError(f"{'<stdin>' if source == '-' else source}: no records")
+    return itertools.chain([first], records)
 
 
 def checkpoint_dir(ckpt: str | None, *, bundled: bool = True, quiet: bool = False) -> str:
@@ -266,25 +270,37 @@ def autocast_dtype(name: str):
     return None if name == "float32" else getattr(torch, name)
 
 
-def shot_prompts(queries: list[dict], shots_file: str, k: int, select: str, seed: int, template_name: str,
-                 ensembles: int = 1, *, quiet: bool = False) -> list[dict]:
-    """--shots FILE, -k, --select, --template: the queries' few-shot prompt records. A user who
-    hands over a shots file without -k means "use these": up to the default -k of them."""
+def shot_prompts(queries: Iterable[dict], shots_file: str, k: int, select: str, seed: int, template_name: str,
+                 ensembles: int = 1, *, quiet: bool = False) -> Iterator[dict]:
+    """--shots FILE, -k, --select, --template: the queries' few-shot prompt records, made as the
+    queries arrive (the template and support set are read now, so their errors come first). A
+    user who hands over a shots file without -k means "use these": up to the default -k of them."""
     from click.core import ParameterSource
 
-    from ..formats.artifacts import read_records_file
+    from ..formats.records import read_records_file
     from ..inference.prompting import load_template, prompt_records, shots_available
 
     template = load_template(template_name)
     support = read_records_file(shots_file, on_derived_id=say_derived_ids)
     ctx = click.get_current_context()
     default_k = ctx.get_parameter_source("k") == ParameterSource.DEFAULT
-    short = sum(n < k for n in shots_available(queries, support)) if default_k else 0
-    if short and not quiet:
-        click.echo(f"flamingo {ctx.info_name}: {shots_file} has fewer than the default {k} shots for {short} of "
-                   f"{len(queries)} queries; their prompts use all it has (-k N requires N)", err=True)
-    return prompt_records(template, queries, support, k=k, method=select, seed=seed, ensembles=ensembles,
-                          at_most=default_k)
+    available = shots_available(support)
+    counts = [0, 0]  # queries, and those with fewer than k shots
+
+    def counted(queries):
+        for query in queries:
+            counts[0] += 1
+            counts[1] += available(query) < k
+            yield query
+
+    def prompts():
+        yield from prompt_records(template, counted(queries), support, k=k, method=select, seed=seed,
+                                  ensembles=ensembles, at_most=default_k)
+        if default_k and counts[1] and not quiet:
+            click.echo(f"flamingo {ctx.info_name}: {shots_file} has fewer than the default {k} shots for {counts[1]} "
+                       f"of {counts[0]} queries; their prompts use all it has (-k N requires N)", err=True)
+
+    return prompts()
 
 
 def init_config(name_or_file: str | None):

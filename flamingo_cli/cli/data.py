@@ -49,7 +49,8 @@ def data(bench, root, split, n, seed, classes, output):
     rareact       rareact.csv (split test), videos/<video_id>.mp4
     """
     from ..evaluation.benchmarks import imagenet_classnames, rareact_classnames, read_benchmark, sample
-    from ..formats.artifacts import open_output, write_records
+    from ..formats.artifacts import open_output
+    from ..formats.records import write_records
 
     if classes:
         if bench not in ("imagenet", "rareact"):

@@ -44,31 +44,38 @@ def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, worke
     (seconds) when it has one. Each output record passes its input fields
     through and adds `features` (PATH.safetensors#features, shaped frames x tokens x dim)
     and `encoder`. Features are cached by content, frame sampling and encoder, so
-    re-encoding is free. Records are written as each batch finishes. With --wds, it also
-    writes feature shards for `flamingo pretrain` (records then come at the end; a
+    re-encoding is free. Records are read as they arrive and written as each batch
+    finishes. With --wds, it also writes feature shards for `flamingo pretrain` (a
     document's `features` is a list, one reference per entry of its `images`).
     Runs as a single process.
     """
+    import itertools
     from pathlib import Path
 
-    from ..formats.artifacts import cache_dir, open_output, write_records
+    from ..formats.artifacts import cache_dir, open_output
     from ..formats.checkpoint import load_checkpoint_encoder
+    from ..formats.records import write_records
     from ..inference.encoding import encode_records
     from ..inference.media import find_media, media_record
     from ..inference.video import FrameSampling
 
     single_process("encode")
     setup(seed, quiet)
-    records = []
-    for item in inputs or ("-",):
-        if item == "-" or item.endswith(".jsonl"):
-            records += input_records(item)
-        elif Path(item).is_dir():
-            records += [media_record(str(p)) for p in find_media(Path(item))]
-        else:
-            records.append(media_record(item))
-    if not records:
+
+    def media_inputs():
+        for item in inputs or ("-",):
+            if item == "-" or item.endswith(".jsonl"):
+                yield from input_records(item)
+            elif Path(item).is_dir():
+                yield from (media_record(str(p)) for p in find_media(Path(item)))
+            else:
+                yield media_record(item)
+
+    records = media_inputs()
+    first = next(records, None)
+    if first is None:
         raise click.UsageError(f"no images or videos found in {' '.join(inputs)}")
+    records = itertools.chain([first], records)
     encoder, identity = load_checkpoint_encoder(checkpoint_dir(ckpt, quiet=quiet))
     encoder = encoder.to(device)
     skipped = []
@@ -77,16 +84,15 @@ def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, worke
                    dtype=autocast_dtype(dtype), on_skip=skipped.append, max_pixels=max_pixels,
                    sampling=FrameSampling(frames=frames, fps=fps, clip=clip, seed=seed))
     if wds_pattern:
-        from ..inference.encoding import media_items, write_feature_shards
+        from ..inference.encoding import write_feature_shards
 
         if "%" not in wds_pattern:
             raise click.BadParameter("needs a %d-style shard number, e.g. out/shard-%06d.tar", param_hint="--wds")
-        total = sum(len(media_items(r)) for r in records)
-        with progress(quiet, total=total, unit="file", desc="encode") as bar, open_output(output) as out:
-            write_records(out, write_feature_shards(encoder, identity, records, wds_pattern, maxcount=shard_size,
-                                                    on_batch=bar.update, **options))
+        with progress(quiet, unit="file", desc="encode") as bar, open_output(output) as out:
+            write_feature_shards(encoder, identity, records, wds_pattern, maxcount=shard_size, on_batch=bar.update,
+                                 on_record=lambda record: write_records(out, [record]), **options)
     else:
-        with progress(quiet, total=len(records), unit="file", desc="encode") as bar, open_output(output) as out:
+        with progress(quiet, unit="file", desc="encode") as bar, open_output(output) as out:
             for batch in encode_records(encoder, identity, records, **options):
                 write_records(out, batch)
                 bar.update(len(batch))

@@ -40,9 +40,10 @@ def evaluate(input, metric, references, cut_at, strip_quotes, vqa_evaluator, pos
     import json
 
     from ..evaluation.evaluate import PostProcess, evaluate_records, join_references
-    from ..formats.artifacts import open_output, read_records_file, write_records
+    from ..formats.artifacts import open_output
+    from ..formats.records import read_records_file, write_records
 
-    records = input_records(input)
+    records = list(input_records(input))  # a metric is over all the records
     if references:
         records = join_references(records, read_records_file(references, on_derived_id=say_derived_ids), metric)
     post = PostProcess(cut=cut_at, quotes=strip_quotes)

@@ -24,7 +24,8 @@ def generate(input, ckpt, output, device, seed, quiet, shots, k, select, templat
     reads query records instead (e.g. from flamingo encode) and builds the prompts
     itself, exactly as flamingo prompt does. Runs as a single process.
     """
-    from ..formats.artifacts import open_output, write_records
+    from ..formats.artifacts import open_output
+    from ..formats.records import write_records
     from ..inference.generation import batches, generate_records
     from ..inference.media import load_for_inference
 
@@ -34,7 +35,7 @@ def generate(input, ckpt, output, device, seed, quiet, shots, k, select, templat
     if shots:
         records = shot_prompts(records, shots, k, select, seed, template, quiet=quiet)
     model, media = load_for_inference(checkpoint_dir(ckpt, quiet=quiet), device)
-    with progress(quiet, total=len(records), unit="rec", desc="generate") as bar, open_output(output) as out:
+    with progress(quiet, unit="rec", desc="generate") as bar, open_output(output) as out:
         for batch in batches(records, batch_size):
             write_records(out, generate_records(model, batch, media, num_beams=num_beams,
                                                 max_new_tokens=max_new_tokens, length_penalty=length_penalty,

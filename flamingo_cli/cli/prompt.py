@@ -22,11 +22,13 @@ def prompt(input, output, device, seed, quiet, shots, k, select, template, ensem
     and the query id. With --ensembles N, each query gives min(N, k!) records, the
     same shots in different orders, each with an `ensemble` number. Runs as a single process.
     """
-    from ..formats.artifacts import open_output, write_records
+    from ..formats.artifacts import open_output
+    from ..formats.records import write_records
 
     single_process("prompt")
     if not shots:
         raise click.UsageError("--shots FILE is required")
     records = input_records(input)
     with open_output(output) as out:
-        write_records(out, shot_prompts(records, shots, k, select, seed, template, ensembles, quiet=quiet))
+        for record in shot_prompts(records, shots, k, select, seed, template, ensembles, quiet=quiet):
+            write_records(out, [record])

@@ -21,9 +21,9 @@ def resample(input, ckpt, output, device, seed, quiet, out_dir):
     """
     from pathlib import Path
 
-    from ..formats.artifacts import cache_dir, open_output, write_records
+    from ..formats.artifacts import cache_dir, open_output
+    from ..formats.records import write_records
     from ..inference.encoding import resample_records
-    from ..inference.generation import batches
     from ..inference.media import load_for_inference
 
     single_process("resample")
@@ -31,7 +31,7 @@ def resample(input, ckpt, output, device, seed, quiet, out_dir):
     records = input_records(input)
     model, _ = load_for_inference(checkpoint_dir(ckpt, quiet=quiet), device)
     root = Path(out_dir) if out_dir else cache_dir()
-    with progress(quiet, total=len(records), unit="rec", desc="resample") as bar, open_output(output) as out:
-        for batch in batches(records, 64):
-            write_records(out, resample_records(model, batch, root=root, device=device))
-            bar.update(len(batch))
+    with progress(quiet, unit="rec", desc="resample") as bar, open_output(output) as out:
+        for record in records:  # one at a time: the resampler is cheap, and a pipe sees each at once
+            write_records(out, resample_records(model, [record], root=root, device=device))
+            bar.update(1)

@@ -24,7 +24,8 @@ def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, 
     prompt} and `prediction` (the best). Each prompt runs once; all its candidates
     are scored against the cached prefix in batched forwards. Runs as a single process.
     """
-    from ..formats.artifacts import ArtifactError, open_output, write_records
+    from ..formats.artifacts import ArtifactError, open_output
+    from ..formats.records import write_records
     from ..inference.media import load_for_inference
     from ..inference.scoring import score_records
 
@@ -40,7 +41,7 @@ def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, 
             raise ArtifactError(f"{candidates_file}: no candidates")
     records = input_records(input)
     model, media = load_for_inference(checkpoint_dir(ckpt, quiet=quiet), device)
-    with progress(quiet, total=len(records), unit="rec", desc="score") as bar, open_output(output) as out:
+    with progress(quiet, unit="rec", desc="score") as bar, open_output(output) as out:
         for record in score_records(model, records, media, candidates=fixed, normalize=normalize,
                                     batch_size=batch_size, device=device, dtype=autocast_dtype(dtype)):
             write_records(out, [record])

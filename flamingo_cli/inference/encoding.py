@@ -6,13 +6,14 @@ video twice is free.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
 
 from ..formats.artifacts import FEATURES, POOLED, VISUAL, ArtifactError, digest_file, load_ref, make_ref, \
     save_tensors, split_ref, storage_errors, tensor_path
+from .generation import batches
 from .media import MAX_PIXELS, MediaFiles
 from .video import EVAL_SAMPLING, FrameSampling
 
@@ -37,7 +38,7 @@ def clip_span(record: dict) -> tuple[float, float] | None:
     return float(start), float(end)
 
 
-def encode_records(encoder, identity: str, records: list[dict], *, root: Path, batch_size: int = 16,
+def encode_records(encoder, identity: str, records: Iterable[dict], *, root: Path, batch_size: int = 16,
                    workers: int = 1, skip_bad: bool = False, device: str = "cpu", dtype: torch.dtype | None = None,
                    on_skip: Callable[[str], None] | None = None, max_pixels: int | None = MAX_PIXELS,
                    sampling: FrameSampling = EVAL_SAMPLING) -> Iterator[list[dict]]:
@@ -46,7 +47,21 @@ def encode_records(encoder, identity: str, records: list[dict], *, root: Path, b
     records of each batch of `batch_size` media, in input order, with `features` (a reference to
     (frames, tokens, d) features) and `encoder` added. Frames go through the encoder one by one,
     `batch_size` frames a forward, across the batch's videos and images. Media over
-    `max_pixels` are refused undecoded (an error, or skipped with skip_bad)."""
+    `max_pixels` are refused undecoded (an error, or skipped with skip_bad). Records are read as
+    they are consumed, WINDOW batches at a time: memory is bounded by that, not by the input."""
+    for window in batches(records, batch_size * WINDOW):
+        yield from _encode_window(encoder, identity, window, root=root, batch_size=batch_size, workers=workers,
+                                  skip_bad=skip_bad, device=device, dtype=dtype, on_skip=on_skip,
+                                  max_pixels=max_pixels, sampling=sampling)
+
+
+# Batches of records one DataLoader decodes ahead of the encoder: enough to keep its workers busy.
+WINDOW = 8
+
+
+def _encode_window(encoder, identity: str, records: list[dict], *, root: Path, batch_size: int, workers: int,
+                   skip_bad: bool, device: str, dtype: torch.dtype | None, on_skip: Callable[[str], None] | None,
+                   max_pixels: int | None, sampling: FrameSampling) -> Iterator[list[dict]]:
     items = [(kind, path, clip_span(r) if kind == "video" else None) for r in records
              for kind, path in [media_item(r)]]
     target = lambda key: tensor_path(root, key, identity)  # noqa: E731
@@ -115,28 +130,39 @@ def media_items(record: dict) -> list[tuple[str, str]]:
     return [media_item(record)]
 
 
-def write_feature_shards(encoder, identity: str, records: list[dict], pattern: str, *, root: Path,
-                         maxcount: int = 1000, on_batch=None, **encode_kw) -> list[dict]:
+def write_feature_shards(encoder, identity: str, records: Iterable[dict], pattern: str, *, root: Path,
+                         maxcount: int = 1000, on_batch=None, on_record: Callable[[dict], None] | None = None,
+                         **encode_kw) -> int:
     """Encode every record's media (through the feature cache) and write webdataset shards of
-    records plus features, for `flamingo pretrain`. Each shard appears under its final name
-    only once complete. Returns the records written, with `encoder` and `features`: a
-    reference, or a list of them for a record with an `images` list. A record with a
-    skipped (unreadable) image is left out."""
+    records plus features, for `flamingo pretrain`, reading the records as it goes. Each shard
+    appears under its final name only once complete. on_record hears of each record as its
+    sample is written, with `encoder` and `features`: a reference, or a list of them for a record
+    with an `images` list. A record with a skipped (unreadable) image is left out. Returns how
+    many records were written."""
     import os
 
     import webdataset as wds
 
     from ..formats.artifacts import feature_sample, signals_deferred
 
-    flat = [{kind: path, "owner": i, **({k: record[k] for k in ("start", "end") if k in record} if kind == "video" else {})}
-            for i, record in enumerate(records) for kind, path in media_items(record)]
-    refs: dict[int, list[str]] = {i: [] for i in range(len(records))}
-    for batch in encode_records(encoder, identity, flat, root=root, **encode_kw):
-        for item in batch:
-            refs[item["owner"]].append(item["features"])
-        if on_batch:
-            on_batch(len(batch))
-    complete = [i for i, record in enumerate(records) if len(refs[i]) == len(media_items(record))]
+    pending: dict[int, tuple[dict, int, list[str]]] = {}  # record number -> (record, media, references so far)
+
+    def media():
+        for i, record in enumerate(records):
+            items = media_items(record)
+            pending[i] = (record, len(items), [])
+            span = {k: record[k] for k in ("start", "end") if k in record}
+            for kind, path in items:
+                yield {kind: path, "owner": i, **(span if kind == "video" else {})}
+
+    def finished(before: int | float) -> Iterator[tuple[int, dict, list[str]]]:
+        # media are encoded in order, so every record before `before` has all it will get
+        while pending and next(iter(pending)) < before:
+            i = next(iter(pending))
+            record, count, refs = pending.pop(i)
+            if len(refs) == count:
+                yield i, record, refs
+
     Path(pattern % 0).parent.mkdir(parents=True, exist_ok=True)
     failed = []
 
@@ -147,15 +173,30 @@ def write_feature_shards(encoder, identity: str, records: list[dict], pattern: s
         else:
             os.replace(name, name[: -len(".tmp")])
 
+    written = 0
+
+    def write(sink, done) -> None:
+        nonlocal written
+        for i, record, refs in done:
+            features = [load_ref(ref, encoder=identity)[0] for ref in refs]
+            sample = feature_sample(f"{i:09d}", record, features, identity)
+            with signals_deferred():  # a signal inside a write could meet a shard half renamed
+                sink.write(sample)
+            written += 1
+            if on_record:
+                on_record({**record, "features": refs if "images" in record else refs[0], "encoder": identity})
+
     with storage_errors(pattern), wds.ShardWriter(pattern + ".tmp", maxcount=maxcount, verbose=0, post=finish) as sink:
         try:
-            for i in complete:
-                features = [load_ref(ref, encoder=identity)[0] for ref in refs[i]]
-                sample = feature_sample(f"{i:09d}", records[i], features, identity)
-                with signals_deferred():  # a signal inside a write could meet a shard half renamed
-                    sink.write(sample)
+            for batch in encode_records(encoder, identity, media(), root=root, **encode_kw):
+                for item in batch:
+                    pending[item["owner"]][2].append(item["features"])
+                if on_batch:
+                    on_batch(len(batch))
+                if batch:
+                    write(sink, finished(batch[-1]["owner"]))
+            write(sink, finished(float("inf")))
         except BaseException:
             failed.append(True)
             raise
-    return [{**records[i], "features": refs[i] if "images" in records[i] else refs[i][0], "encoder": identity}
-            for i in complete]
+    return written

@@ -1,7 +1,8 @@
 """The `generate` stage as a library function: prompt records in, records with `output` out."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -34,10 +35,11 @@ def check_context(model, name: str, prompt_tokens: int, more: int, what: str) ->
                             "(use fewer shots)")
 
 
-def generate_records(model, records: list[dict], media: MediaResolver, *, num_beams: int = 3,
+def generate_records(model, records: Iterable[dict], media: MediaResolver, *, num_beams: int = 3,
                      max_new_tokens: int = 20, length_penalty: float = 1.0, device: str = "cpu",
                      dtype: torch.dtype | None = None) -> list[dict]:
     """One batch: left-padded prompts, each with its own media, decoded together."""
+    records = list(records)
     tokenizer = model.tokenizer
     texts, visuals = [], []
     for record in records:
@@ -67,6 +69,8 @@ def decode_options(tokenizer) -> dict:
     return {}
 
 
-def batches(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+def batches(items: Iterable, size: int) -> Iterator[list]:
+    """Lists of `size` items (the last may be shorter), taken from `items` as they come."""
+    items = iter(items)
+    while batch := list(itertools.islice(items, size)):
+        yield batch

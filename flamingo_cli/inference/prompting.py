@@ -10,6 +10,7 @@ import math
 import random
 import string
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -311,48 +312,50 @@ def ensemble_orders(n: int, ensembles: int, seed: int, query_id: Any) -> list[li
     return orders
 
 
-def prompt_records(template: Template, queries: list[dict[str, Any]], support: list[dict[str, Any]], *, k: int,
-                   method: str, seed: int, ensembles: int = 1, at_most: bool = False) -> list[dict[str, Any]]:
-    """Prompt records for every query (what `flamingo prompt` writes). For `rices`, the
-    similarity vectors are the pooled features that `flamingo encode` stored with each record.
-    With at_most, k is an upper bound: a query with fewer eligible support records (its own
-    id excluded) gets all of them; without it, that is an error."""
-    vectors = rices_vectors(queries, support) if method == "rices" else None
-    available = shots_available(queries, support) if at_most else None
-    out = []
-    for i, query in enumerate(queries):
-        kw = {} if vectors is None else {"query_vector": vectors[0][i], "support_vectors": vectors[1]}
-        shots = min(k, available[i]) if available is not None and k > 0 else k
-        out.extend(make_prompt_records(template, query, support, k=shots, method=method, seed=seed,
-                                       ensembles=ensembles, **kw))
-    return out
+def prompt_records(template: Template, queries: Iterable[dict[str, Any]], support: list[dict[str, Any]], *, k: int,
+                   method: str, seed: int, ensembles: int = 1, at_most: bool = False) -> Iterator[dict[str, Any]]:
+    """Prompt records for every query (what `flamingo prompt` writes), made as the queries are
+    consumed. For `rices`, the similarity vectors are the pooled features that `flamingo encode`
+    stored with each record. With at_most, k is an upper bound: a query with fewer eligible
+    support records (its own id excluded) gets all of them; without it, that is an error."""
+    pooled = PooledFeatures() if method == "rices" else None
+    support_vectors = pooled.stack(support) if pooled else None
+    available = shots_available(support)
+    for query in queries:
+        kw = {} if pooled is None else {"query_vector": pooled(query), "support_vectors": support_vectors}
+        shots = min(k, available(query)) if at_most and k > 0 else k
+        yield from make_prompt_records(template, query, support, k=shots, method=method, seed=seed,
+                                       ensembles=ensembles, **kw)
 
 
-def shots_available(queries: list[dict[str, Any]], support: list[dict[str, Any]]) -> list[int]:
-    """For each query, how many support records may be its shots: all but those with its own id
+def shots_available(support: list[dict[str, Any]]) -> Callable[[dict[str, Any]], int]:
+    """How many support records may be a query's shots: all but those with its own id
     (compared as text, as select_shots does)."""
     ids = Counter(str(_record_id(s)) for s in support)
-    return [len(support) - ids[str(_record_id(q))] for q in queries]
+    return lambda query: len(support) - ids[str(_record_id(query))]
 
 
-def rices_vectors(queries: list[dict[str, Any]], support: list[dict[str, Any]]):
-    """(queries x d, support x d): the pooled encoder features of each record's `features`
-    reference, all from one encoder."""
-    import torch
+class PooledFeatures:
+    """The pooled encoder features of a record's `features` reference (RICES' similarity
+    vectors), checked to come from one encoder across every record it is asked about."""
 
-    from ..formats.artifacts import POOLED, ArtifactError, load_ref, make_ref, split_ref
+    def __init__(self):
+        self.encoders: set = set()
 
-    encoders = set()
+    def __call__(self, record: dict[str, Any]):
+        from ..formats.artifacts import POOLED, ArtifactError, load_ref, make_ref, split_ref
 
-    def pooled(record):
         ref = record.get("features")
         if not isinstance(ref, str):
             raise ArtifactError(f"{record.get('id', '<record>')}: --select rices needs a 'features' reference "
                                 "(run flamingo encode)")
         vector, meta = load_ref(make_ref(split_ref(ref)[0], POOLED))
-        encoders.add(meta.get("encoder"))
-        if len(encoders) > 1:
-            raise ArtifactError(f"{ref}: features come from different encoders ({', '.join(map(str, encoders))})")
+        self.encoders.add(meta.get("encoder"))
+        if len(self.encoders) > 1:
+            raise ArtifactError(f"{ref}: features come from different encoders ({', '.join(map(str, self.encoders))})")
         return vector.float()
 
-    return torch.stack([pooled(r) for r in queries]), torch.stack([pooled(r) for r in support])
+    def stack(self, records: list[dict[str, Any]]):
+        import torch
+
+        return torch.stack([self(r) for r in records])

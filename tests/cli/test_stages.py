@@ -2,6 +2,7 @@
 import json
 import os
 import pty
+import select
 import shutil
 import signal
 import subprocess
@@ -98,6 +99,36 @@ def test_the_five_pipelines_run_as_written(world):
         assert all(v < 0 for v in r["scores"].values())
 
 
+def test_stages_write_their_first_records_while_the_input_is_still_arriving(world):
+    """Records fed through a pipe that stays open: each stage answers the first batch before
+    the rest exists (encode reads 8 batches ahead, to keep its decoding workers busy)."""
+    root, env = world
+    encoded = records((root / "shots.jsonl").read_text())
+    prompts = records(sh("flamingo prompt --shots shots.jsonl --template vqa -k 2 < shots.jsonl", root, env,
+                         check=True).stdout)
+    images = [{"id": f"i{i}", "image": f"imgs/{i % 6}-{COLOURS[i % 6]}.png"} for i in range(10)]
+    for command, inputs, ahead in [
+        ("flamingo encode -q --batch-size 1 -", images, 8),
+        ("flamingo resample -q", encoded, 1),
+        ("flamingo prompt --shots shots.jsonl -k 2", encoded, 1),
+        ("flamingo generate -q --num-beams 1 --max-new-tokens 2 --batch-size 1", prompts, 1),
+        ("flamingo score -q --candidates classes.txt", prompts, 1),
+    ]:
+        stage = subprocess.Popen(["bash", "-c", command], cwd=root, env=env, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        lines = [json.dumps(r).encode() + b"\n" for r in inputs]
+        stage.stdin.write(b"".join(lines[:ahead]))
+        stage.stdin.flush()
+        ready, _, _ = select.select([stage.stdout], [], [], 120)
+        assert ready, f"{command}: nothing written while its input was still open"
+        first = json.loads(stage.stdout.readline())
+        stage.stdin.write(b"".join(lines[ahead:]))
+        stage.stdin.close()
+        rest = stage.stdout.read().decode().splitlines()
+        assert stage.wait() == 0, stage.stderr.read().decode()
+        assert first["id"] == inputs[0]["id"] and len(rest) + 1 == len(inputs), command
+
+
 def test_head_1_gets_one_record_and_a_quiet_exit_0(world):
     root, env = world
     r = sh("flamingo encode --batch-size 2 imgs/ | head -1", root, env)
@@ -182,6 +213,14 @@ def test_output_file_is_atomic(world):
     r = sh("flamingo encode --batch-size 1 --skip-bad -o half.jsonl half/", root, env, check=True)
     assert [o["id"] for o in records((root / "half.jsonl").read_text())] == ["half/a.png"]
     assert "skipped 1 unreadable file(s)" in r.stderr
+    # A bad line after good ones, reached mid-stream: the same two outcomes.
+    good = (root / "shots.jsonl").read_text().splitlines()[0]
+    (root / "late.jsonl").write_text(good + '\n{"id": \n')
+    r = sh("flamingo resample -o late.out.jsonl late.jsonl", root, env)
+    assert r.returncode == 1 and "late.jsonl: line 2: malformed JSON" in r.stderr
+    assert not (root / "late.out.jsonl").exists() and not list(root.glob(".late.out.jsonl*"))
+    r = sh("flamingo resample late.jsonl", root, env)
+    assert r.returncode == 1 and [o["id"] for o in records(r.stdout)] == [json.loads(good)["id"]]
 
 
 def _bad_inputs(root):
@@ -194,7 +233,7 @@ def _bad_inputs(root):
     save_tensors(root / "narrow.safetensors", {"features": torch.zeros(1, 4, 7)}, {"encoder": encoder})
     save_tensors(root / "foreign.safetensors", {"features": torch.zeros(1, 4, 64)}, {"encoder": "resnet50@0123"})
     (root / "no-config").mkdir(exist_ok=True)
-    (root / "latin1.jsonl").write_bytes(b'{"id": "a"}\n{"id": "caf\xe9"}\n')
+    (root / "latin1.jsonl").write_bytes(b'\n{"id": "caf\xe9"}\n{"id": "a"}\n')  # the bad line is the first record
     (root / "bomb.png").write_bytes(_png_header(30000, 30000))
     (root / "notes.png").write_text("not an image")
     (root / "half.webm").write_bytes(b"\x1aE\xdf\xa3" + bytes(200))
@@ -211,7 +250,7 @@ def _bad_inputs(root):
          "narrow.safetensors#features: features must be (frames, tokens, 64), got (1, 4, 7)"),
         ("encoder mismatch", f'echo "{prompt([f"{root}/foreign.safetensors#features"])}" | flamingo generate',
          "foreign.safetensors#features: made by encoder resnet50@0123, but this checkpoint's encoder is"),
-        ("malformed JSON line", "printf '{\"id\": 1}\\n{\"id\": 2\\n' | flamingo resample", "<stdin>: line 2: malformed JSON"),
+        ("malformed JSON line", "printf '\\n{\"id\": 2\\n' | flamingo resample", "<stdin>: line 2: malformed JSON"),
         ("image count != media count",
          f'echo "{prompt([good], "<image>a<|endofchunk|><image>b")}" | flamingo generate',
          "q1: prompt has 2 <image> marker(s) but media lists 1"),

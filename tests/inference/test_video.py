@@ -184,8 +184,10 @@ def test_feature_shards_keep_a_video_records_segment(tmp_path):
     write_video(tmp_path / "clip.mp4", FRAMES, fps=4)
     record = {"id": "s", "video": str(tmp_path / "clip.mp4"), "caption": "colours", "start": 1.0, "end": 2.0}
     sampling = FrameSampling(frames=3, fps=2)
-    (written,) = write_feature_shards(encoder, "test", [record], str(tmp_path / "shard-%06d.tar"),
-                                      root=tmp_path / "cache", workers=0, sampling=sampling)
+    written = []
+    assert write_feature_shards(encoder, "test", [record], str(tmp_path / "shard-%06d.tar"), root=tmp_path / "cache",
+                                workers=0, sampling=sampling, on_record=written.append) == 1
+    (written,) = written
     (direct,) = next(encode_records(encoder, "test", [record], root=tmp_path / "cache", workers=0, sampling=sampling))
     assert written["features"] == direct["features"]  # the segment's clip, not the whole video's
     with tarfile.open(tmp_path / "shard-000000.tar") as tar:

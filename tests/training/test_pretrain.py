@@ -336,11 +336,12 @@ def test_an_interrupted_shard_is_never_left_under_its_final_name(toy, tmp_path, 
     error; encode --wds must keep the complete shards and drop the partial one."""
     from flamingo_cli.formats import artifacts
     from flamingo_cli.formats.checkpoint import load_checkpoint_encoder
+    from flamingo_cli.formats.records import read_records_file
     from flamingo_cli.inference.encoding import write_feature_shards
 
     root, _ = toy
     monkeypatch.chdir(root)
-    records = artifacts.read_records_file("pairs.jsonl")
+    records = read_records_file("pairs.jsonl")
     assert len(records) == 8
     encoder, identity = load_checkpoint_encoder(root / "ckpt")
     written = []
