@@ -444,7 +444,10 @@ def test_a_signal_mid_run_exits_as_shells_expect_and_leaves_only_whole_output(wo
     assert not list(root.glob(".out.jsonl*")) and not (root / "out.jsonl").exists()
 
     with open(root / "stdout.jsonl", "w") as sink:
-        p = subprocess.Popen(command, cwd=root, env=env, stdout=sink, stderr=subprocess.PIPE, text=True)
+        # As from a terminal: a suite started in the background (`make test &`) hands its children
+        # SIGINT ignored, and Python, as it should, then never turns Ctrl-C into KeyboardInterrupt.
+        p = subprocess.Popen(command, cwd=root, env=env, stdout=sink, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         _wait_for(lambda: (root / "stdout.jsonl").read_text().count("\n") >= 2, p)
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=120)
