@@ -243,10 +243,16 @@ def input_records(source: str) -> Iterator[dict]:
         records = read_records(sys.stdin.buffer, "<stdin>", on_derived_id=say_derived_ids)
     else:
         records = iter_records_file(source, on_derived_id=say_derived_ids)
-    first = next(records, None)
-    if first is None:
+    records = peeked(records)
+    if records is None:
         raise ArtifactError(f"{'<stdin>' if source == '-' else source}: no records")
-    return itertools.chain([first], records)
+    return records
+
+
+def peeked(items: Iterator) -> Iterator | None:
+    """The same items, the first already read (so its errors come now), or None if there are none."""
+    first = next(items, None)
+    return None if first is None else itertools.chain([first], items)
 
 
 def checkpoint_dir(ckpt: str | None, *, bundled: bool = True, quiet: bool = False) -> str:

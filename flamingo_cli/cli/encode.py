@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .core import (autocast_dtype, checkpoint_dir, dtype_option, input_records, progress, setup, single_process,
-                   stage_options)
+from .core import (autocast_dtype, checkpoint_dir, dtype_option, input_records, peeked, progress, setup,
+                   single_process, stage_options)
 
 
 @click.command(short_help="Encode images and videos into feature references.")
@@ -49,7 +49,6 @@ def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, worke
     document's `features` is a list, one reference per entry of its `images`).
     Runs as a single process.
     """
-    import itertools
     from pathlib import Path
 
     from ..formats.artifacts import cache_dir, open_output
@@ -71,11 +70,9 @@ def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, worke
             else:
                 yield media_record(item)
 
-    records = media_inputs()
-    first = next(records, None)
-    if first is None:
+    records = peeked(media_inputs())
+    if records is None:
         raise click.UsageError(f"no images or videos found in {' '.join(inputs)}")
-    records = itertools.chain([first], records)
     encoder, identity = load_checkpoint_encoder(checkpoint_dir(ckpt, quiet=quiet))
     encoder = encoder.to(device)
     skipped = []

@@ -157,8 +157,7 @@ def write_feature_shards(encoder, identity: str, records: Iterable[dict], patter
 
     def finished(before: int | float) -> Iterator[tuple[int, dict, list[str]]]:
         # media are encoded in order, so every record before `before` has all it will get
-        while pending and next(iter(pending)) < before:
-            i = next(iter(pending))
+        while pending and (i := next(iter(pending))) < before:
             record, count, refs = pending.pop(i)
             if len(refs) == count:
                 yield i, record, refs
