@@ -35,11 +35,12 @@ from .xattn import GatedXAttnDense
 @dataclass
 class MediaContext:
     """What one call is conditioned on."""
-    visual: torch.Tensor | None  # (b, m, l, d) visual tokens of every image in the sequence
+    visual: torch.Tensor | None  # (bv, m, l, d) visual tokens of every image in the sequences
     phi: torch.Tensor  # (b, t) image index of the positions [start, start + t) known when the call began
     start: int = 0
     chunk_phi: torch.Tensor | None = None  # phi of the chunk the LM is running now
     kv: dict = field(default_factory=dict)  # per block: its visual K/V, computed once per call
+    rows: torch.Tensor | None = None  # (b,) each sequence's row of visual (beams share their prompt's)
 
 
 # model key -> its MediaContext, for the calls running in this thread / task.
@@ -119,15 +120,15 @@ class Flamingo(nn.Module):
             ctx = self._context()
             block = self.xattn[i]
             dtype = block.ff_gate.dtype
-            visual, phi, kv = None, None, None
+            visual, phi, rows, kv = None, None, None, None
             if ctx is not None and ctx.visual is not None:
-                visual, phi, kv = ctx.visual.to(dtype), ctx.chunk_phi, ctx.kv
+                visual, phi, rows, kv = ctx.visual.to(dtype), ctx.chunk_phi, ctx.rows, ctx.kv
             if self.activation_checkpointing and torch.is_grad_enabled():
                 # Explicit inputs: the recomputation in backward runs outside this call's media context.
                 # No K/V cache: the recomputation must redo exactly what the forward did.
-                y = checkpoint(block, y.to(dtype), visual, phi, None, use_reentrant=False).to(y.dtype)
+                y = checkpoint(block, y.to(dtype), visual, phi, rows, None, use_reentrant=False).to(y.dtype)
             else:
-                y = block(y.to(dtype), visual, phi, kv).to(y.dtype)
+                y = block(y.to(dtype), visual, phi, rows, kv).to(y.dtype)
             if args:
                 return (y, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": y}
@@ -169,22 +170,24 @@ class Flamingo(nn.Module):
         have = 0 if visual is None else visual.shape[1]
         if images > have:
             raise ValueError(f"the text refers to {images} <image>(s) but {have} visual input(s) were given")
-        if visual is not None and (visual.ndim != 4 or visual.shape[-1] != self.config.resampler.dim):
-            raise ValueError(
-                f"visual tokens must be (batch, media, tokens, {self.config.resampler.dim}), got {tuple(visual.shape)}"
-            )
+        if visual is not None and (visual.ndim != 4 or visual.shape[-1] != self.config.resampler.dim
+                                   or visual.shape[0] not in (1, phi.shape[0])):
+            raise ValueError(f"visual tokens must be (batch or 1, media, tokens, {self.config.resampler.dim}) "
+                             f"for a batch of {phi.shape[0]}, got {tuple(visual.shape)}")
 
     def forward(self, input_ids: torch.Tensor, visual: torch.Tensor | None = None, *,
                 features: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 images_before: torch.Tensor | None = None, next_image: torch.Tensor | None = None,
-                cache=None, use_cache: bool = False):
-        """Next-token logits for input_ids (b, t) conditioned on visual tokens (b, m, l, d).
+                position_ids: torch.Tensor | None = None, cache=None, use_cache: bool = False):
+        """Next-token logits for input_ids (b, t) conditioned on visual tokens (b, m, l, d); visual
+        (1, m, l, d) is one set of media shared by every sequence.
 
         With a `cache` from an earlier call, input_ids continue that sequence and
         `images_before` (b,) counts the <image> tokens already in it. `next_image` (b,) bool
         makes a training sequence's text attend to the next image instead (the paper's p_next).
         Instead of visual tokens, `features` (b, m, f, n, d) may be given; they are resampled
-        here, inside the forward, which is what sharded (FSDP) training needs.
+        here, inside the forward, which is what sharded (FSDP) training needs. attention_mask
+        may be the LM's 2D padding mask or a 4D (b, 1, t, cache + t) additive mask, passed as is.
         Returns the LM's output (`.logits`, and the cache when use_cache).
         """
         if features is not None:
@@ -192,21 +195,43 @@ class Flamingo(nn.Module):
         phi = image_index(input_ids, self.image_token_id, images_before, next_image)
         self._check_media(phi, visual)
         ctx = MediaContext(visual=visual, phi=phi, start=_cache_length({"cache": cache}))
+        extra = {} if position_ids is None else {"position_ids": position_ids}
         with self._conditioned(ctx):
             return self.lm(input_ids=input_ids, attention_mask=attention_mask,
-                           **{self._cache_kw: cache}, use_cache=use_cache)
+                           **{self._cache_kw: cache}, use_cache=use_cache, **extra)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, visual: torch.Tensor | None = None, *,
                  attention_mask: torch.Tensor | None = None, num_beams: int = 3, max_new_tokens: int = 20,
-                 length_penalty: float = 1.0) -> torch.Tensor:
+                 length_penalty: float = 1.0, cache=None) -> torch.Tensor:
         """Greedy (num_beams=1) or beam search with transformers' own `generate`, stopping at
-        <|endofchunk|>. Visual tokens and their cross-attention K/V are computed once per
-        prompt. Returns the new token ids (b, <= max_new_tokens), padded with pad_token_id."""
+        <|endofchunk|>. Returns the new token ids (b, <= max_new_tokens), padded with pad_token_id.
+
+        The prompt is prefilled here once for all beams, then its cache is repeated per beam;
+        the images' cross-attention K/V are computed once and shared by a prompt's beams.
+        `cache` (b rows) may already hold the first tokens of every (left-padded) prompt, as a
+        prefix cache provides it: only the rest is run.
+        """
+        from transformers import DynamicCache
+
+        b, n = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
         phi = image_index(input_ids, self.image_token_id)
         self._check_media(phi, visual)
-        expand = (lambda t: t.repeat_interleave(num_beams, dim=0)) if num_beams > 1 else (lambda t: t)
-        ctx = MediaContext(visual=None if visual is None else expand(visual), phi=expand(phi))
+        cache = DynamicCache() if cache is None else cache
+        kv = {}
+        done = cache.get_seq_length()
+        if done < n - 1:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            with self._conditioned(MediaContext(visual=visual, phi=phi, kv=kv)):
+                self.lm(input_ids=input_ids[:, done:n - 1], attention_mask=attention_mask[:, :n - 1],
+                        position_ids=positions[:, done:n - 1], **{self._cache_kw: cache}, use_cache=True)
+        if num_beams > 1:
+            cache.batch_repeat_interleave(num_beams)
+        rows = torch.arange(b, device=input_ids.device).repeat_interleave(num_beams)
+        ctx = MediaContext(visual=visual, phi=phi[rows], kv=kv, rows=rows if visual is not None and len(visual) > 1
+                           else None)
         eos = [self.eoc_token_id]
         if self.tokenizer.eos_token_id is not None:
             eos.append(self.tokenizer.eos_token_id)
@@ -214,9 +239,10 @@ class Flamingo(nn.Module):
             out = self.lm.generate(
                 input_ids=input_ids, attention_mask=attention_mask, do_sample=False, num_beams=num_beams,
                 max_new_tokens=max_new_tokens, length_penalty=length_penalty, eos_token_id=eos,
-                pad_token_id=self.pad_token_id, suppress_tokens=[self.image_token_id],
+                pad_token_id=self.pad_token_id, suppress_tokens=[self.image_token_id], use_cache=True,
+                **{self._cache_kw: cache},
             )
-        return out[:, input_ids.shape[1]:]
+        return out[:, n:]
 
     # -- training ---------------------------------------------------------------------
 

@@ -17,12 +17,40 @@ from .masking import cross_attention_mask
 from .resampler import feed_forward
 
 
+class VisualKV:
+    """One block's cross-attention keys and values for one call's media, computed per image on
+    first use and kept for the call: a prompt's images are projected once, at prefill, and only
+    those some token attends to (the query's image alone when the demonstrations come from a
+    prefix cache)."""
+
+    def __init__(self, attn: "MaskedCrossAttention", visual: torch.Tensor):
+        self.attn, self.visual = attn, visual  # visual (bv, m, l, dv)
+        bv, m, l, _ = visual.shape
+        shape = (bv, m, attn.heads, l, attn.dim_head)
+        dtype = attn.to_kv.weight.dtype
+        self.k = visual.new_empty(shape, dtype=dtype)
+        self.v = visual.new_empty(shape, dtype=dtype)
+        self.done = torch.zeros(bv, m, dtype=torch.bool, device=visual.device)
+
+    def get(self, rows: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """rows, images (n,) (0-based image index) -> k, v (n, h, l, dh)."""
+        need = ~self.done[rows, images]
+        if need.any():
+            pairs = torch.unique(rows[need] * self.done.shape[1] + images[need])
+            r, i = pairs // self.done.shape[1], pairs % self.done.shape[1]
+            k, v = self.attn.to_kv(self.visual[r, i]).chunk(2, dim=-1)  # (n', l, inner)
+            self.k = self.k.index_put((r, i), rearrange(k, "n l (h d) -> n h l d", h=self.attn.heads))
+            self.v = self.v.index_put((r, i), rearrange(v, "n l (h d) -> n h l d", h=self.attn.heads))
+            self.done[r, i] = True
+        return self.k[rows, images], self.v[rows, images]
+
+
 class MaskedCrossAttention(nn.Module):
     """Text tokens (width dim) attend to visual tokens (width dim_visual) under the per-image mask."""
 
     def __init__(self, *, dim: int, dim_visual: int, heads: int, dim_head: int, masking: str):
         super().__init__()
-        self.heads = heads
+        self.heads, self.dim_head = heads, dim_head
         self.masking = masking
         inner = heads * dim_head
         self.norm = nn.LayerNorm(dim)
@@ -30,21 +58,45 @@ class MaskedCrossAttention(nn.Module):
         self.to_kv = nn.Linear(dim_visual, inner * 2, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
 
-    def keys_values(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """visual (b, m, l, dv) -> k, v (b, h, m*l, dh). Depends only on the media, so a
-        prompt's K/V are computed once and reused at every decoding step."""
-        k, v = self.to_kv(rearrange(visual, "b m l d -> b (m l) d")).chunk(2, dim=-1)
-        return tuple(rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (k, v))
+    def forward(self, y: torch.Tensor, kv: VisualKV, phi: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """y (b, t, d), phi (b, t), rows (b,) each sequence's row of the media -> (b, t, d); zero where phi = 0."""
+        q = rearrange(self.to_q(self.norm(y)), "b t (h d) -> b t h d", h=self.heads)
+        attend = self._own_image if self.masking == "last_image" else self._masked
+        return self.to_out(rearrange(attend(q, kv, phi, rows), "b t h d -> b t (h d)"))
 
-    def forward(self, y: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], phi: torch.Tensor,
-                num_images: int) -> torch.Tensor:
-        """y (b, t, d), phi (b, t) -> (b, t, d); zero where phi = 0."""
-        k, v = kv
-        q = rearrange(self.to_q(self.norm(y)), "b t (h d) -> b h t d", h=self.heads)
-        mask = cross_attention_mask(phi, num_images, k.shape[2] // num_images, self.masking)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (b, h, t, dh)
-        out = self.to_out(rearrange(out, "b h t d -> b t (h d)"))
-        return out * (phi > 0).unsqueeze(-1).to(out.dtype)
+    def _own_image(self, q, kv: VisualKV, phi, rows):
+        """Each token against its own image's l keys only, not all m * l keys masked: tokens are
+        grouped by (sequence, image), the groups padded to one length and attended in one call."""
+        b, t, h, dh = q.shape
+        m = kv.done.shape[1]
+        flat = phi.flatten()
+        tokens = (flat > 0).nonzero().squeeze(1)
+        out = q.new_zeros(b * t, h, dh)  # phi = 0: no cross-attention output
+        if tokens.numel() == 0:
+            return out.view(b, t, h, dh)
+        key = (tokens // t) * (m + 1) + flat[tokens]  # (sequence, image) of each token
+        key, order = torch.sort(key, stable=True)
+        tokens = tokens[order]
+        groups, counts = torch.unique_consecutive(key, return_counts=True)
+        group = torch.repeat_interleave(torch.arange(len(groups), device=q.device), counts)
+        offset = torch.arange(len(tokens), device=q.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        grouped = q.new_zeros(len(groups), int(counts.max()), h, dh)  # padding queries are computed, then dropped
+        grouped[group, offset] = q.reshape(b * t, h, dh)[tokens]
+        k, v = kv.get(rows[groups // (m + 1)], groups % (m + 1) - 1)  # (g, h, l, dh)
+        attended = F.scaled_dot_product_attention(grouped.transpose(1, 2), k, v).transpose(1, 2)
+        out = out.index_put((tokens,), attended[group, offset])
+        return out.view(b, t, h, dh)
+
+    def _masked(self, q, kv: VisualKV, phi, rows):
+        """Tokens attend to every image up to their own: all m * l keys under a mask."""
+        b = q.shape[0]
+        m = kv.done.shape[1]
+        images = torch.arange(m, device=q.device)
+        k, v = (rearrange(x, "(b m) h l d -> b h (m l) d", b=b)
+                for x in kv.get(rows.repeat_interleave(m), images.repeat(b)))
+        mask = cross_attention_mask(phi, m, k.shape[2] // m, self.masking)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask).transpose(1, 2)
+        return out * (phi > 0)[..., None, None].to(out.dtype)
 
 
 class GatedXAttnDense(nn.Module):
@@ -57,17 +109,21 @@ class GatedXAttnDense(nn.Module):
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, y: torch.Tensor, visual: torch.Tensor | None, phi: torch.Tensor | None,
-                kv_cache: dict | None = None) -> torch.Tensor:
-        """y (b, t, d) LM hidden states, visual (b, m, l, dv) or None, phi (b, t) -> (b, t, d).
+                rows: torch.Tensor | None = None, kv_cache: dict | None = None) -> torch.Tensor:
+        """y (b, t, d) LM hidden states, visual (bv, m, l, dv) or None, phi (b, t) -> (b, t, d).
 
+        rows (b,) picks each sequence's row of visual (default: its own, or row 0 when bv is 1).
         kv_cache, a dict that lives as long as one call's media, keeps this block's visual K/V
         so that decoding steps after the first reuse them.
         """
         if visual is not None:
             kv = None if kv_cache is None else kv_cache.get(self)
             if kv is None:
-                kv = self.attn.keys_values(visual)
+                kv = VisualKV(self.attn, visual)
                 if kv_cache is not None:
                     kv_cache[self] = kv
-            y = y + self.attn_gate.tanh() * self.attn(y, kv, phi, visual.shape[1])
+            if rows is None:
+                rows = torch.arange(y.shape[0], device=y.device) if visual.shape[0] > 1 else y.new_zeros(
+                    y.shape[0], dtype=torch.long)
+            y = y + self.attn_gate.tanh() * self.attn(y, kv, phi, rows)
         return y + self.ff_gate.tanh() * self.ff(y)

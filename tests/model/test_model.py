@@ -334,3 +334,86 @@ def test_activation_checkpointing_gives_the_same_gradients(make_model, family):
     from flamingo_cli.model.lm import decoder_layers
 
     assert all("forward" not in layer.__dict__ for layer in decoder_layers(model.lm))
+
+
+def test_own_image_attention_equals_attention_over_all_images_masked(make_model):
+    """The grouped path (each token against its own image's keys) against the reference: every
+    image's keys under the last-image mask. Two sequences of different image counts, tokens
+    before any image, the p_next training order (image indices not monotonic), and gradients."""
+    model = make_model("llama", gates=0.5)
+    attn = model.xattn["0"].attn
+    first = ids_for(model, "before " + PROMPT)
+    second = first.clone()
+    second[0, (first[0] == model.image_token_id).nonzero()[:2, 0]] = first[0, 0]  # one image, late
+    ids = torch.cat([first, second])
+    y = torch.randn(*ids.shape, 64, requires_grad=True)
+    visual = visual_tokens(2, 3).requires_grad_(True)
+    rows = torch.arange(2)
+    from flamingo_cli.model.masking import image_index
+    from flamingo_cli.model.xattn import VisualKV
+    for next_image in (None, torch.tensor([True, False])):
+        phi = image_index(ids, model.image_token_id, next_image=next_image)
+        assert (phi == 0).any() and len(phi.unique()) >= 3
+        outs, grads = [], []
+        for path in (attn._own_image, attn._masked):
+            q = attn.to_q(attn.norm(y)).unflatten(-1, (attn.heads, attn.dim_head))
+            out = path(q, VisualKV(attn, visual), phi, rows)
+            (g_y, g_v) = torch.autograd.grad(out.square().sum(), (y, visual))
+            outs.append(out.detach()), grads.append((g_y, g_v))
+        torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-5)
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        assert torch.all(outs[0][phi == 0] == 0)
+
+
+def test_a_batch_may_share_one_set_of_media(make_model):
+    """visual (1, m, l, d) for a batch of b: the same logits as the media repeated b times, and
+    each image's K/V projected once, not b times."""
+    model = make_model("llama", gates=0.5)
+    ids = ids_for(model, PROMPT).repeat(3, 1)
+    visual = visual_tokens(1, 3)
+    calls = []
+    handle = model.xattn["0"].attn.to_kv.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
+    with torch.no_grad():
+        shared = model(ids, visual).logits
+        repeated = model(ids, visual.expand(3, -1, -1, -1)).logits
+    handle.remove()
+    assert torch.equal(shared, repeated)
+    assert calls == [3, 9], "3 images once when shared, 3 per row when repeated"
+
+
+def _transformers_generate(model, ids, visual, mask, num_beams, max_new_tokens):
+    """The reference: transformers' generate over the whole prompt, expanded per beam before
+    its prefill, with the media repeated per beam (what generate did before prefilling once)."""
+    from flamingo_cli.model.flamingo import MediaContext
+    from flamingo_cli.model.masking import image_index
+    phi = image_index(ids, model.image_token_id)
+    ctx = MediaContext(visual=visual.repeat_interleave(num_beams, 0), phi=phi.repeat_interleave(num_beams, 0))
+    with model._conditioned(ctx), torch.no_grad():
+        out = model.lm.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=num_beams,
+                                max_new_tokens=max_new_tokens, eos_token_id=[model.eoc_token_id, 1],
+                                pad_token_id=model.pad_token_id, suppress_tokens=[model.image_token_id])
+    return out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_the_prompt_is_prefilled_once_for_all_beams(make_model, family, num_beams):
+    model = make_model(family, gates=0.5)
+    model.tokenizer.padding_side = "left"
+    batch = model.tokenizer([PROMPT, "<image>a blue<|endofchunk|><image>a"], return_tensors="pt", padding=True)
+    visual = visual_tokens(2, 3)
+    calls, projected = [], []
+    hooks = [model.lm.register_forward_pre_hook(
+                 lambda m, a, kw: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True),
+             model.xattn["0"].attn.to_kv.register_forward_hook(lambda m, a, out: projected.append(a[0].shape[0]))]
+    out = model.generate(batch.input_ids, visual, attention_mask=batch.attention_mask, num_beams=num_beams,
+                         max_new_tokens=5)
+    for hook in hooks:
+        hook.remove()
+    n = batch.input_ids.shape[1]
+    assert calls[0] == (2, n - 1), "the prompt once, not once per beam"
+    assert all(shape == (2 * num_beams, 1) for shape in calls[1:])
+    assert projected == [5], "the 5 images' K/V once, shared by the beams"
+    want = _transformers_generate(model, batch.input_ids, visual, batch.attention_mask, num_beams, 5)
+    assert out.tolist() == want.tolist()
