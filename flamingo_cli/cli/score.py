@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .core import (autocast_dtype, checkpoint_dir, dtype_option, input_records, progress, setup, single_process,
-                   stage_options)
+from .core import (autocast_dtype, checkpoint_dir, dtype_option, input_records, prefix_cache, prefix_cache_option,
+                   progress, setup, single_process, stage_options)
 
 
 @click.command(short_help="Rank candidate answers by likelihood.")
@@ -15,14 +15,17 @@ from .core import (autocast_dtype, checkpoint_dir, dtype_option, input_records, 
 @click.option("--normalize", type=click.Choice(["sum", "mean"]), default="sum", show_default=True,
               help="Total log-likelihood, or per token.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Candidates per batched forward.")
+              help="(prompt, candidate) pairs per batched forward; records that share their candidates are batched.")
 @dtype_option
-def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, batch_size, dtype):
+@prefix_cache_option
+def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, batch_size, dtype, prefix_cache_mib):
     """Score close-ended candidates for prompt records.
 
     Adds `scores` {candidate: log-likelihood of " candidate<|endofchunk|>" after the
-    prompt} and `prediction` (the best). Each prompt runs once; all its candidates
-    are scored against the cached prefix in batched forwards. Runs as a single process.
+    prompt} and `prediction` (the best). Each prompt runs once (prompts that begin alike
+    share what they have in common: --prefix-cache); its candidates are then scored against
+    its states in batched forwards, several records at a time when they share candidates.
+    Runs as a single process.
     """
     from ..formats.artifacts import ArtifactError, open_output
     from ..formats.records import write_records
@@ -41,8 +44,10 @@ def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, 
             raise ArtifactError(f"{candidates_file}: no candidates")
     records = input_records(input)
     model, media = load_for_inference(checkpoint_dir(ckpt, quiet=quiet), device)
+    cache = prefix_cache(model, prefix_cache_mib)
     with progress(quiet, unit="rec", desc="score") as bar, open_output(output) as out:
         for record in score_records(model, records, media, candidates=fixed, normalize=normalize,
-                                    batch_size=batch_size, device=device, dtype=autocast_dtype(dtype)):
+                                    batch_size=batch_size, device=device, dtype=autocast_dtype(dtype),
+                                    prefix_cache=cache):
             write_records(out, [record])
             bar.update(1)

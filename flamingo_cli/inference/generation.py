@@ -37,25 +37,55 @@ def check_context(model, name: str, prompt_tokens: int, more: int, what: str) ->
 
 def generate_records(model, records: Iterable[dict], media: MediaResolver, *, num_beams: int = 3,
                      max_new_tokens: int = 20, length_penalty: float = 1.0, device: str = "cpu",
-                     dtype: torch.dtype | None = None) -> list[dict]:
-    """One batch: left-padded prompts, each with its own media, decoded together."""
+                     dtype: torch.dtype | None = None, prefix_cache=None) -> list[dict]:
+    """One batch: left-padded prompts, each with its own media, decoded together. With a
+    PrefixCache each prompt's states come from it, so only tokens past the longest prefix
+    already run (by an earlier prompt of this batch or of the run) are computed."""
     records = list(records)
     tokenizer = model.tokenizer
-    texts, visuals = [], []
+    texts, entries, visuals = [], [], []
     for record in records:
-        prompt, entries = check_prompt_record(record)
+        prompt, media_entries = check_prompt_record(record)
         texts.append(prompt)
-        visuals.append(media.visuals(entries))
+        entries.append(media_entries)
+        visuals.append(media.visuals(media_entries))
     tokenizer.padding_side = "left"
     batch = tokenizer(texts, return_tensors="pt", padding=True).to(device)
     for record, length in zip(records, batch.attention_mask.sum(1).tolist()):
         check_context(model, record.get("id", "<record>"), length, max_new_tokens, "--max-new-tokens allows")
     visual = pad_media(visuals)
     with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+        cache = None if prefix_cache is None else _cached_prompts(prefix_cache, batch, entries, visuals)
         new = model.generate(batch.input_ids, visual, attention_mask=batch.attention_mask, num_beams=num_beams,
-                             max_new_tokens=max_new_tokens, length_penalty=length_penalty)
+                             max_new_tokens=max_new_tokens, length_penalty=length_penalty, cache=cache)
     outputs = tokenizer.batch_decode(new, skip_special_tokens=True, **decode_options(tokenizer))
     return [{**record, "output": text.strip()} for record, text in zip(records, outputs)]
+
+
+def _cached_prompts(prefix_cache, batch, entries: list[list[str]], visuals: list[torch.Tensor]):
+    """A cache holding all but the last token of every left-padded prompt of the batch, each
+    prompt's states from the prefix cache; None when no prompt has more than one token."""
+    from .prefix_cache import as_cache
+
+    n = batch.input_ids.shape[1]
+    rows = []
+    for ids, mask, media_entries, visual in zip(batch.input_ids, batch.attention_mask, entries, visuals):
+        ids = ids[mask.bool()].tolist()
+        states, _ = prefix_cache.run(ids, media_entries, visual.unsqueeze(0) if len(visual) else None, len(ids) - 1)
+        rows.append(states)
+    shaped = next((states for states in rows if states), None)
+    if shaped is None:
+        return None
+    layers = []
+    for layer, (k, v) in enumerate(shaped):
+        keys, values = (t.new_zeros(len(rows), *t.shape[1:-2], n - 1, t.shape[-1]) for t in (k, v))
+        for i, states in enumerate(rows):
+            if states:
+                length = states[layer][0].shape[-2]
+                keys[i, ..., n - 1 - length:, :] = states[layer][0][0]
+                values[i, ..., n - 1 - length:, :] = states[layer][1][0]
+        layers.append((keys, values))
+    return as_cache(layers)
 
 
 def decode_options(tokenizer) -> dict:

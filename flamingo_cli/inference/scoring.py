@@ -6,7 +6,6 @@ continuation of that cached prefix, a chunk of candidates per batched forward.
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -21,7 +20,7 @@ CONTINUATION = " {candidate}<|endofchunk|>"
 @torch.no_grad()
 def score_candidates(model, prompt_ids: torch.Tensor, visual: torch.Tensor | None, candidates: list[str], *,
                      normalize: str = "sum", batch_size: int = 32, continuation: str = CONTINUATION,
-                     name: str = "<prompt>") -> list[float]:
+                     name: str = "<prompt>", prefix_cache=None, media: list[str] | None = None) -> list[float]:
     """Log-likelihood of each candidate as the continuation of one prompt.
 
     prompt_ids (1, T); visual (1, m, l, d) or None. Each candidate is tokenized as
@@ -29,61 +28,40 @@ def score_candidates(model, prompt_ids: torch.Tensor, visual: torch.Tensor | Non
     scored too: that is what tells "red" from a prefix of "red circle".
     normalize: "sum" (total log-likelihood) or "mean" (per candidate token). A prompt whose
     longest candidate would run past the LM's context is an error naming it (`name`).
+    With a PrefixCache (and the prompt's `media` entries, which identify its images) only the
+    prompt's tokens past its longest cached prefix are run.
     """
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
+    _normalized([], [], normalize)
     if prompt_ids.ndim != 2 or prompt_ids.shape[0] != 1:
         raise ValueError(f"prompt_ids must be one prompt of shape (1, T), got {tuple(prompt_ids.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    token_ids = [candidate_ids(model.tokenizer, continuation, c) for c in candidates]
+    token_ids = _candidate_tokens(model, candidates, continuation)
     check_context(model, name, prompt_ids.shape[1], max(map(len, token_ids), default=0), "its longest candidate takes")
-
-    prefix = model(prompt_ids, visual, use_cache=True)
-    prompt = _Prompt(
-        cache=prefix.cache if hasattr(prefix, "cache") else prefix.past_key_values,  # renamed in transformers 5
-        first=prefix.logits[0, -1].float().log_softmax(-1),
-        images=(prompt_ids == model.image_token_id).sum(1),
-        visual=visual,
-    )
-    # Chunks of candidates of similar length waste little compute on padding.
-    order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
-    totals = [0.0] * len(token_ids)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        for i, total in zip(rows, _chunk_log_likelihoods(model, prompt, [token_ids[i] for i in rows])):
-            totals[i] = total
-    if normalize == "mean":
-        return [total / len(ids) for total, ids in zip(totals, token_ids)]
-    return totals
+    prompt = _run_prompt(model, prompt_ids[0].tolist(), visual, prefix_cache, media)
+    return _normalized(_score_prompts(model, [prompt], token_ids, batch_size)[0], token_ids, normalize)
 
 
-def score_record(model, record: dict, media, candidates: list[str], *, continuation: str = CONTINUATION,
-                 normalize: str = "sum", batch_size: int = 32, device: str = "cpu",
-                 dtype: torch.dtype | None = None) -> dict:
+def score_record(model, record: dict, media, candidates: list[str], **options) -> dict:
     """The `score` stage for one prompt record: the record plus `scores` {candidate: log-likelihood}
-    and `prediction` (the best)."""
-    text, entries = check_prompt_record(record)
-    ids = model.tokenizer(text, return_tensors="pt").input_ids.to(device)
-    visual = media.visuals(entries).unsqueeze(0) if entries else None
-    with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None):
-        values = score_candidates(model, ids, visual, list(candidates), normalize=normalize,
-                                  batch_size=batch_size, continuation=continuation,
-                                  name=record.get("id", "<record>"))
-    scores = dict(zip(candidates, values))
-    return {**record, "scores": scores, "prediction": rank(scores)}
+    and `prediction` (the best). options: those of score_records."""
+    return next(score_records(model, [record], media, candidates=candidates, **options))
 
 
 def score_records(model, records: Iterable[dict], media, *, candidates: list[str] | None = None,
-                  **options) -> Iterator[dict]:
+                  continuation: str | None = None, normalize: str = "sum", batch_size: int = 32,
+                  device: str = "cpu", dtype: torch.dtype | None = None, prefix_cache=None) -> Iterator[dict]:
     """The `score` stage: each prompt record scored against `candidates` if given, else its own
     `candidates` field, else its template's; a template's continuation replaces the default.
-    options: those of score_record (normalize, batch_size, device, dtype)."""
+
+    Consecutive records with the same candidates are scored together, batch_size (prompt,
+    candidate) rows per forward; each prompt runs once (with a PrefixCache, only its tokens past
+    the longest cached prefix). Records come out in input order, a group at a time."""
     from ..formats.artifacts import ArtifactError
     from .prompting import load_template
 
+    _normalized([], [], normalize)
     templates = {}
-    for record in records:
+
+    def task(record):
         name = record.get("template")
         if name and name not in templates:
             templates[name] = load_template(name)
@@ -92,8 +70,42 @@ def score_records(model, records: Iterable[dict], media, *, candidates: list[str
         if not choices:
             raise ArtifactError(f"{record.get('id', '<record>')}: no candidates (use --candidates FILE "
                                 "or a 'candidates' field)")
-        extra = {"continuation": template.continuation} if template else {}
-        yield score_record(model, record, media, list(choices), **{**options, **extra})
+        return tuple(choices), continuation or (template.continuation if template else CONTINUATION)
+
+    group, key = [], None
+    for record in records:
+        this = task(record)
+        if group and this != key:
+            yield from _score_group(model, group, media, *key, normalize, batch_size, device, dtype, prefix_cache)
+            group = []
+        group.append(record)
+        key = this
+        if len(group) * len(key[0]) >= batch_size:  # full: answer now, not when the next record arrives
+            yield from _score_group(model, group, media, *key, normalize, batch_size, device, dtype, prefix_cache)
+            group = []
+    if group:
+        yield from _score_group(model, group, media, *key, normalize, batch_size, device, dtype, prefix_cache)
+
+
+def _score_group(model, records, media, candidates, continuation, normalize, batch_size, device, dtype,
+                 prefix_cache) -> list[dict]:
+    token_ids = _candidate_tokens(model, candidates, continuation)
+    longest = max(map(len, token_ids))
+    prompts = []
+    with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, dtype=dtype,
+                                         enabled=dtype is not None):
+        for record in records:
+            text, entries = check_prompt_record(record)
+            ids = model.tokenizer(text).input_ids
+            check_context(model, record.get("id", "<record>"), len(ids), longest, "its longest candidate takes")
+            visual = media.visuals(entries).unsqueeze(0) if entries else None
+            prompts.append(_run_prompt(model, ids, visual, prefix_cache, entries))
+        totals = _score_prompts(model, prompts, token_ids, batch_size)
+    out = []
+    for record, values in zip(records, totals):
+        scores = dict(zip(candidates, _normalized(values, token_ids, normalize)))
+        out.append({**record, "scores": scores, "prediction": rank(scores)})
+    return out
 
 
 def rank(scores: dict[str, float]) -> str:
@@ -111,42 +123,130 @@ def candidate_ids(tokenizer, continuation: str, candidate: str) -> list[int]:
 
 @dataclass
 class _Prompt:
-    """What every chunk reuses from the single prompt forward."""
-    cache: object  # KV cache of the prompt, batch 1; never mutated
+    """What every chunk reuses from the prompt's single run."""
+    states: list  # per layer: keys, values (1, heads, length, head_dim); never mutated
     first: torch.Tensor  # (V,) log-probs of the token after the prompt, i.e. of each candidate's first token
-    images: torch.Tensor  # (1,) <image> tokens in the prompt, so phi continues from the right image
-    visual: torch.Tensor | None
+    images: int  # <image> tokens in the prompt, so phi continues from the right image
+    visual: torch.Tensor | None  # (1, m, l, d)
+    length: int
 
 
-def _chunk_log_likelihoods(model, prompt: _Prompt, chunk: list[list[int]]) -> list[float]:
-    """Summed log-probs of each candidate's tokens, one forward for the whole chunk."""
-    k = len(chunk)
-    ids, valid = _right_pad(chunk, model.pad_token_id, prompt.first.device)
-    total = prompt.first[ids[:, 0]]
-    if ids.shape[1] > 1:
-        # The last token of a candidate predicts nothing we score, so it is not run.
-        inputs, mask = ids[:, :-1], valid[:, :-1].long()
-        cache = prompt.cache
-        out = model(
-            inputs,
-            None if prompt.visual is None else prompt.visual.expand(k, -1, -1, -1),
-            attention_mask=torch.cat([mask.new_ones(k, cache.get_seq_length()), mask], dim=1),
-            images_before=prompt.images.expand(k),
-            cache=_repeat_cache(cache, k),
-            use_cache=True,  # as in incremental decoding: the chunk continues the cached prompt
-        )
-        # Position j of the chunk predicts candidate token j + 1.
-        logp = out.logits.float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        total = total + torch.where(valid[:, 1:], logp, 0.0).sum(1)
-    return total.tolist()
+def _run_prompt(model, ids: list[int], visual, prefix_cache, media) -> _Prompt:
+    from .prefix_cache import PrefixCache
+
+    if prefix_cache is None:
+        prefix_cache = PrefixCache(model, max_bytes=0)  # runs the prompt, keeps nothing
+    if media is None:
+        media = [f"#{i}" for i in range(ids.count(model.image_token_id))]
+    states, logits = prefix_cache.run(ids, media, visual, len(ids), logits=True)
+    return _Prompt(states, logits.float().log_softmax(-1), ids.count(model.image_token_id), visual, len(ids))
 
 
-def _repeat_cache(cache, k: int):
-    """The prompt's cache repeated k times along the batch: a copy, as the forward appends to
-    it in place and later chunks need the prompt's cache as it was."""
-    chunk_cache = copy.deepcopy(cache)
-    chunk_cache.batch_repeat_interleave(k)
-    return chunk_cache
+def _candidate_tokens(model, candidates, continuation) -> list[list[int]]:
+    return [candidate_ids(model.tokenizer, continuation, c) for c in candidates]
+
+
+def _normalized(totals: list[float], token_ids: list[list[int]], normalize: str) -> list[float]:
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
+    if normalize == "mean":
+        return [total / len(ids) for total, ids in zip(totals, token_ids)]
+    return totals
+
+
+def _score_prompts(model, prompts: list[_Prompt], token_ids: list[list[int]], batch_size: int) -> list[list[float]]:
+    """Summed log-probs of every candidate after every prompt: [prompt][candidate].
+
+    The prompts' states are stacked once, left-padded; each forward then runs a chunk of
+    candidates against all of them. Under SDPA attention a chunk is one sequence per prompt,
+    its candidates laid end to end, each attending to the prompt and to its own earlier tokens
+    (a block-causal mask), so the prompt's states are read, never copied per candidate. Other
+    attention implementations take one row per (prompt, candidate) instead."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    g = len(prompts)
+    device = prompts[0].first.device
+    totals = torch.stack([p.first for p in prompts])[:, [ids[0] for ids in token_ids]]  # (g, n)
+    stack = _Stack(prompts)
+    per_chunk = max(1, batch_size // g)
+    flat = model.lm.config._attn_implementation == "sdpa"
+    # Only candidates of 2+ tokens need a forward: the last token of each predicts nothing we score.
+    todo = sorted((j for j, ids in enumerate(token_ids) if len(ids) > 1), key=lambda j: len(token_ids[j]))
+    for start in range(0, len(todo), per_chunk):
+        chunk = todo[start:start + per_chunk]
+        run = _flat_chunk if flat else _row_chunk
+        totals[:, chunk] += run(model, stack, [token_ids[j] for j in chunk], device)
+    return totals.tolist()
+
+
+class _Stack:
+    """The group's prompt states left-padded to one length, with their padding mask."""
+
+    def __init__(self, prompts: list[_Prompt]):
+        self.prompts = prompts
+        self.length = max(p.length for p in prompts)
+        first = prompts[0].states
+        if len(prompts) == 1:
+            self.states = first
+        else:
+            self.states = []
+            for layer in range(len(first)):
+                k, v = (torch.zeros(len(prompts), *t.shape[1:-2], self.length, t.shape[-1], dtype=t.dtype,
+                                    device=t.device) for t in first[layer])
+                for i, p in enumerate(prompts):
+                    k[i, ..., self.length - p.length:, :] = p.states[layer][0][0]
+                    v[i, ..., self.length - p.length:, :] = p.states[layer][1][0]
+                self.states.append((k, v))
+        device = prompts[0].first.device
+        self.valid = torch.stack([torch.arange(self.length, device=device) >= self.length - p.length
+                                  for p in prompts])  # (g, P)
+        self.lengths = torch.tensor([p.length for p in prompts], device=device)
+        self.images = torch.tensor([p.images for p in prompts], device=device)
+        from .media import pad_media
+        visuals = [p.visual[0] for p in prompts if p.visual is not None]
+        if not visuals:
+            self.visual = None
+        elif len(prompts) == 1:
+            self.visual = prompts[0].visual
+        else:
+            none = visuals[0].new_zeros(0, *visuals[0].shape[1:])
+            self.visual = pad_media([none if p.visual is None else p.visual[0] for p in prompts])
+
+
+def _flat_chunk(model, stack: _Stack, chunk: list[list[int]], device) -> torch.Tensor:
+    """(g, len(chunk)) summed log-probs of candidate tokens 2.. of each candidate after each prompt."""
+    from .prefix_cache import as_cache
+
+    g, P = len(stack.prompts), stack.length
+    inputs = [t for ids in chunk for t in ids[:-1]]
+    targets = torch.tensor([t for ids in chunk for t in ids[1:]], device=device)
+    owner = torch.tensor([j for j, ids in enumerate(chunk) for _ in ids[:-1]], device=device)
+    offset = torch.tensor([i for ids in chunk for i in range(len(ids) - 1)], device=device)
+    q = len(inputs)
+    own = (owner[:, None] == owner[None, :]) & (offset[None, :] <= offset[:, None])  # (q, q) block-causal
+    mask = torch.cat([stack.valid[:, None, :].expand(g, q, P), own.expand(g, q, q)], dim=-1)[:, None]
+    out = model(torch.tensor([inputs], device=device).expand(g, q), stack.visual, attention_mask=mask,
+                position_ids=stack.lengths[:, None] + offset, images_before=stack.images,
+                cache=as_cache(stack.states), use_cache=True)
+    logp = out.logits.float().log_softmax(-1).gather(-1, targets.expand(g, q)[..., None]).squeeze(-1)  # (g, q)
+    return torch.zeros(g, len(chunk), device=device).index_add_(1, owner, logp)
+
+
+def _row_chunk(model, stack: _Stack, chunk: list[list[int]], device) -> torch.Tensor:
+    """As _flat_chunk, one right-padded row per (prompt, candidate) on a 2D padding mask."""
+    from .prefix_cache import as_cache
+
+    g, k = len(stack.prompts), len(chunk)
+    ids, valid = _right_pad(chunk, model.pad_token_id, device)
+    rows = torch.arange(g, device=device).repeat_interleave(k)
+    inputs, mask = ids[:, :-1].repeat(g, 1), valid[:, :-1].repeat(g, 1)
+    states = [(key[rows], value[rows]) for key, value in stack.states]  # copies: this path cannot share them
+    visual = None if stack.visual is None else (stack.visual if g == 1 else stack.visual[rows])
+    out = model(inputs, visual, attention_mask=torch.cat([stack.valid[rows], mask], dim=1).long(),
+                position_ids=stack.lengths[rows, None] + torch.arange(inputs.shape[1], device=device),
+                images_before=stack.images[rows], cache=as_cache(states), use_cache=True)
+    logp = out.logits.float().log_softmax(-1).gather(-1, ids[:, 1:].repeat(g, 1)[..., None]).squeeze(-1)
+    return torch.where(valid[:, 1:].repeat(g, 1), logp, 0.0).sum(1).view(g, k)
 
 
 def _right_pad(chunk: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,22 +25,24 @@ class VisualKV:
 
     def __init__(self, attn: "MaskedCrossAttention", visual: torch.Tensor):
         self.attn, self.visual = attn, visual  # visual (bv, m, l, dv)
-        bv, m, l, _ = visual.shape
-        shape = (bv, m, attn.heads, l, attn.dim_head)
-        dtype = attn.to_kv.weight.dtype
-        self.k = visual.new_empty(shape, dtype=dtype)
-        self.v = visual.new_empty(shape, dtype=dtype)
-        self.done = torch.zeros(bv, m, dtype=torch.bool, device=visual.device)
+        self.k = self.v = None  # (bv, m, h, l, dh), allocated at the first projection, in its dtype
+        self.done = torch.zeros(visual.shape[:2], dtype=torch.bool, device=visual.device)
 
     def get(self, rows: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """rows, images (n,) (0-based image index) -> k, v (n, h, l, dh)."""
         need = ~self.done[rows, images]
         if need.any():
-            pairs = torch.unique(rows[need] * self.done.shape[1] + images[need])
-            r, i = pairs // self.done.shape[1], pairs % self.done.shape[1]
-            k, v = self.attn.to_kv(self.visual[r, i]).chunk(2, dim=-1)  # (n', l, inner)
-            self.k = self.k.index_put((r, i), rearrange(k, "n l (h d) -> n h l d", h=self.attn.heads))
-            self.v = self.v.index_put((r, i), rearrange(v, "n l (h d) -> n h l d", h=self.attn.heads))
+            m = self.done.shape[1]
+            pairs = torch.unique(rows[need] * m + images[need])
+            r, i = pairs // m, pairs % m
+            k, v = (rearrange(t, "n l (h d) -> n h l d", h=self.attn.heads)
+                    for t in self.attn.to_kv(self.visual[r, i]).chunk(2, dim=-1))
+            if self.k is None:
+                self.k, self.v = (t.new_empty(*self.done.shape, *t.shape[1:]) for t in (k, v))
+            if torch.is_grad_enabled():  # out of place: autograd sees every write
+                self.k, self.v = self.k.index_put((r, i), k), self.v.index_put((r, i), v)
+            else:
+                self.k[r, i], self.v[r, i] = k, v
             self.done[r, i] = True
         return self.k[rows, images], self.v[rows, images]
 

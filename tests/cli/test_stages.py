@@ -112,7 +112,7 @@ def test_stages_write_their_first_records_while_the_input_is_still_arriving(worl
         ("flamingo resample -q", encoded, 1),
         ("flamingo prompt --shots shots.jsonl -k 2", encoded, 1),
         ("flamingo generate -q --num-beams 1 --max-new-tokens 2 --batch-size 1", prompts, 1),
-        ("flamingo score -q --candidates classes.txt", prompts, 1),
+        ("flamingo score -q --candidates classes.txt --batch-size 3", prompts, 1),  # 3 candidates: 1 record
     ]:
         stage = subprocess.Popen(["bash", "-c", command], cwd=root, env=env, stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
