@@ -1,7 +1,7 @@
 """Few-shot inference with and without reuse, on one random Flamingo (LLaMA 6 x 512, xattn every
 layer, 64 visual tokens of width 768 per image; nothing is downloaded), all measured in this run:
 
-  generate: 8 queries after 32 shots (the same shots for all, or each query its own), greedy and
+  generate: 8 queries after 24 shots (the tiny LM takes 512 positions) (the same shots for all, or each query its own), greedy and
     3 beams, batch 8:
       before  transformers' generate over each whole prompt, expanded per beam before its
               prefill, every image's K/V projected per beam (this project's generate until now)
@@ -37,6 +37,7 @@ from flamingo_cli.model.masking import image_index  # noqa: E402
 from flamingo_cli.tiny import save_tiny_lm  # noqa: E402
 
 DIM, LATENTS = 768, 64
+SHOTS = 24  # the most that fit the tiny LM's 512 positions with 20 new tokens
 WORDS = ["red", "green", "blue", "yellow", "purple", "circle", "square", "triangle", "star", "diamond"]
 
 
@@ -67,14 +68,14 @@ class Media:
 
 def shot(i: int) -> str:
     rng = random.Random(i)
-    return f"<image>Question: What is it? Answer: a {rng.choice(WORDS)} {rng.choice(WORDS)}.<|endofchunk|>"
+    return f"<image>Output: a {rng.choice(WORDS)} {rng.choice(WORDS)}.<|endofchunk|>"  # short: the LM takes 512
 
 
 def records(shots: int, queries: int, fixed: bool) -> list[dict]:
     out = []
     for q in range(queries):
         ids = list(range(shots)) if fixed else random.Random(q).sample(range(1000), shots)
-        prompt = "".join(shot(i) for i in ids) + "<image>Question: What is it? Answer:"
+        prompt = "".join(shot(i) for i in ids) + "<image>Output:"
         out.append({"id": q, "prompt": prompt, "media": [f"s{i}" for i in ids] + [f"q{q}"]})
     return out
 
@@ -101,9 +102,10 @@ def timed(fn):
 
 
 def bench_generate(model, media):
-    print("generate: 8 queries, 32 shots, batch 8, 20 new tokens")
+    n = len(model.tokenizer(records(SHOTS, 1, True)[0]["prompt"]).input_ids)
+    print(f"generate: 8 queries, {SHOTS} shots ({n} tokens), batch 8, 20 new tokens")
     for fixed in (True, False):
-        rs = records(32, 8, fixed)
+        rs = records(SHOTS, 8, fixed)
         for beams in (1, 3):
             t_before, want = timed(lambda: before(model, rs, media, beams))
             t_off, off = timed(lambda: [r["output"] for r in generate_records(model, rs, media, num_beams=beams)])
@@ -121,6 +123,7 @@ def bench_score(model, media):
     ids = model.tokenizer(r["prompt"], return_tensors="pt").input_ids
     visual = media.visuals(r["media"])[None]
     answers = [f"a {a} {b} {c}" for a in WORDS for b in WORDS for c in WORDS][:1000]
+    print(f"score: prompt of {ids.shape[1]} tokens")
     t_ours, ours = timed(lambda: score_candidates(model, ids, visual, answers, batch_size=64))
     with torch.no_grad():
         prefix = model(ids, visual, use_cache=True)
@@ -129,7 +132,7 @@ def bench_score(model, media):
 
         def one(answer):  # OpenFlamingo's loop: a copied context cache, the media's K/V recomputed
             tokens = torch.tensor([candidate_ids(model.tokenizer, CONTINUATION, answer)])
-            out = model(tokens[:, :-1], visual, images_before=torch.tensor([4]), cache=copy.deepcopy(cache),
+            out = model(tokens[:, :-1], visual, images_before=torch.tensor([5]), cache=copy.deepcopy(cache),
                         use_cache=True)
             logp = out.logits[0].log_softmax(-1).gather(-1, tokens[0, 1:, None]).sum()
             return float(first[tokens[0, 0]] + logp)

@@ -64,14 +64,19 @@ def generate_records(model, records: Iterable[dict], media: MediaResolver, *, nu
 
 def _cached_prompts(prefix_cache, batch, entries: list[list[str]], visuals: list[torch.Tensor]):
     """A cache holding all but the last token of every left-padded prompt of the batch, each
-    prompt's states from the prefix cache; None when no prompt has more than one token."""
+    prompt's states from the prefix cache. None (the batch is then prefilled as one) when no
+    prompt has more than one token, or when less than half the tokens of several prompts would be
+    reused: prompts run one by one cost more than in a batch (and their states are not kept)."""
     from .prefix_cache import as_cache
 
     n = batch.input_ids.shape[1]
+    prompts = [(ids[mask.bool()].tolist()[:-1], media_entries)
+               for ids, mask, media_entries in zip(batch.input_ids, batch.attention_mask, entries)]
+    if len(prompts) > 1 and 2 * prefix_cache.reusable(prompts) < sum(len(ids) for ids, _ in prompts):
+        return None
     rows = []
-    for ids, mask, media_entries, visual in zip(batch.input_ids, batch.attention_mask, entries, visuals):
-        ids = ids[mask.bool()].tolist()
-        states, _ = prefix_cache.run(ids, media_entries, visual.unsqueeze(0) if len(visual) else None, len(ids) - 1)
+    for (ids, media_entries), visual in zip(prompts, visuals):
+        states, _ = prefix_cache.run(ids, media_entries, visual.unsqueeze(0) if len(visual) else None, len(ids))
         rows.append(states)
     shaped = next((states for states in rows if states), None)
     if shaped is None:
