@@ -9,6 +9,7 @@ import torch
 from ..formats.artifacts import ArtifactError
 from ..model.config import IMAGE_TOKEN
 from .media import MediaResolver, pad_media
+from .prefix_cache import as_cache, stack_states
 
 
 def check_prompt_record(record: dict) -> tuple[str, list[str]]:
@@ -67,30 +68,14 @@ def _cached_prompts(prefix_cache, batch, entries: list[list[str]], visuals: list
     prompt's states from the prefix cache. None (the batch is then prefilled as one) when no
     prompt has more than one token, or when less than half the tokens of several prompts would be
     reused: prompts run one by one cost more than in a batch (and their states are not kept)."""
-    from .prefix_cache import as_cache
-
     n = batch.input_ids.shape[1]
     prompts = [(ids[mask.bool()].tolist()[:-1], media_entries)
                for ids, mask, media_entries in zip(batch.input_ids, batch.attention_mask, entries)]
     if len(prompts) > 1 and 2 * prefix_cache.reusable(prompts) < sum(len(ids) for ids, _ in prompts):
         return None
-    rows = []
-    for (ids, media_entries), visual in zip(prompts, visuals):
-        states, _ = prefix_cache.run(ids, media_entries, visual.unsqueeze(0) if len(visual) else None, len(ids))
-        rows.append(states)
-    shaped = next((states for states in rows if states), None)
-    if shaped is None:
-        return None
-    layers = []
-    for layer, (k, v) in enumerate(shaped):
-        keys, values = (t.new_zeros(len(rows), *t.shape[1:-2], n - 1, t.shape[-1]) for t in (k, v))
-        for i, states in enumerate(rows):
-            if states:
-                length = states[layer][0].shape[-2]
-                keys[i, ..., n - 1 - length:, :] = states[layer][0][0]
-                values[i, ..., n - 1 - length:, :] = states[layer][1][0]
-        layers.append((keys, values))
-    return as_cache(layers)
+    rows = [prefix_cache.run(ids, media_entries, visual.unsqueeze(0) if len(visual) else None, len(ids))[0]
+            for (ids, media_entries), visual in zip(prompts, visuals)]
+    return as_cache(stack_states(rows, n - 1)) if any(rows) else None
 
 
 def decode_options(tokenizer) -> dict:

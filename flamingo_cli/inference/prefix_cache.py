@@ -89,11 +89,7 @@ class PrefixCache:
         keys = [token_keys(ids, media, self.model.image_token_id) for ids, media in prompts]
         total = 0
         for i, own in enumerate(keys):
-            best = self._match(own)[1]
-            for other in keys[:i]:
-                same = next((j for j, (a, b) in enumerate(zip(own, other)) if a != b), min(len(own), len(other)))
-                best = max(best, same)
-            total += best
+            total += max([self._match(own)[1], *(_common(own, other) for other in keys[:i])])
         return total
 
     def _forward(self, ids, visual, start, upto, states):
@@ -112,9 +108,7 @@ class PrefixCache:
         node, at, path = self.root, 0, []
         self.clock += 1
         while at < len(keys) and (child := node.children.get(keys[at])) is not None:
-            same = 0
-            while same < len(child.keys) and at + same < len(keys) and child.keys[same] == keys[at + same]:
-                same += 1
+            same = _common(child.keys, keys[at:])
             child.used = self.clock
             path.append(child)
             at += same
@@ -136,9 +130,7 @@ class PrefixCache:
                 node.children[keys[at]] = new
                 self.tokens += len(new.keys)
                 break
-            same = 0
-            while same < len(child.keys) and at + same < len(keys) and child.keys[same] == keys[at + same]:
-                same += 1
+            same = _common(child.keys, keys[at:])
             if same < len(child.keys):
                 child = self._split(child, same)
             node, at = child, at + same
@@ -170,6 +162,26 @@ class PrefixCache:
                 stack.extend(node.children.values())
             elif node is not self.root:
                 yield node
+
+
+def stack_states(rows: list[State], length: int) -> State:
+    """One state per prompt -> the batch's, each row left-padded with zeros to `length` tokens
+    (the padding is masked by the caller). Rows may be empty (a prompt with nothing to cache)."""
+    shaped = next(states for states in rows if states)
+    stacked = []
+    for layer, pair in enumerate(shaped):
+        k, v = (t.new_zeros(len(rows), *t.shape[1:-2], length, t.shape[-1]) for t in pair)
+        for i, states in enumerate(rows):
+            if states:
+                n = states[layer][0].shape[-2]
+                k[i, ..., length - n:, :], v[i, ..., length - n:, :] = states[layer][0][0], states[layer][1][0]
+        stacked.append((k, v))
+    return stacked
+
+
+def _common(a: list, b: list) -> int:
+    """The length of the common prefix of a and b."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def _concat(pieces: list[State]) -> State:

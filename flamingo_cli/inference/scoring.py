@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from .generation import check_context, check_prompt_record
+from .media import pad_media
+from .prefix_cache import PrefixCache, as_cache, stack_states
 
 NORMALIZATIONS = ("sum", "mean")
 CONTINUATION = " {candidate}<|endofchunk|>"
@@ -132,8 +134,6 @@ class _Prompt:
 
 
 def _run_prompt(model, ids: list[int], visual, prefix_cache, media) -> _Prompt:
-    from .prefix_cache import PrefixCache
-
     if prefix_cache is None:
         prefix_cache = PrefixCache(model, max_bytes=0)  # runs the prompt, keeps nothing
     if media is None:
@@ -169,12 +169,11 @@ def _score_prompts(model, prompts: list[_Prompt], token_ids: list[list[int]], ba
     totals = torch.stack([p.first for p in prompts])[:, [ids[0] for ids in token_ids]]  # (g, n)
     stack = _Stack(prompts)
     per_chunk = max(1, batch_size // g)
-    flat = model.lm.config._attn_implementation == "sdpa"
+    run = _flat_chunk if model.lm.config._attn_implementation == "sdpa" else _row_chunk
     # Only candidates of 2+ tokens need a forward: the last token of each predicts nothing we score.
     todo = sorted((j for j, ids in enumerate(token_ids) if len(ids) > 1), key=lambda j: len(token_ids[j]))
     for start in range(0, len(todo), per_chunk):
         chunk = todo[start:start + per_chunk]
-        run = _flat_chunk if flat else _row_chunk
         totals[:, chunk] += run(model, stack, [token_ids[j] for j in chunk], device)
     return totals.tolist()
 
@@ -185,24 +184,14 @@ class _Stack:
     def __init__(self, prompts: list[_Prompt]):
         self.prompts = prompts
         self.length = max(p.length for p in prompts)
-        first = prompts[0].states
-        if len(prompts) == 1:
-            self.states = first
-        else:
-            self.states = []
-            for layer in range(len(first)):
-                k, v = (torch.zeros(len(prompts), *t.shape[1:-2], self.length, t.shape[-1], dtype=t.dtype,
-                                    device=t.device) for t in first[layer])
-                for i, p in enumerate(prompts):
-                    k[i, ..., self.length - p.length:, :] = p.states[layer][0][0]
-                    v[i, ..., self.length - p.length:, :] = p.states[layer][1][0]
-                self.states.append((k, v))
+        # One prompt's states are used as they are: no copy.
+        self.states = prompts[0].states if len(prompts) == 1 else stack_states([p.states for p in prompts],
+                                                                                self.length)
         device = prompts[0].first.device
         self.valid = torch.stack([torch.arange(self.length, device=device) >= self.length - p.length
                                   for p in prompts])  # (g, P)
         self.lengths = torch.tensor([p.length for p in prompts], device=device)
         self.images = torch.tensor([p.images for p in prompts], device=device)
-        from .media import pad_media
         visuals = [p.visual[0] for p in prompts if p.visual is not None]
         if not visuals:
             self.visual = None
@@ -215,8 +204,6 @@ class _Stack:
 
 def _flat_chunk(model, stack: _Stack, chunk: list[list[int]], device) -> torch.Tensor:
     """(g, len(chunk)) summed log-probs of candidate tokens 2.. of each candidate after each prompt."""
-    from .prefix_cache import as_cache
-
     g, P = len(stack.prompts), stack.length
     inputs = [t for ids in chunk for t in ids[:-1]]
     targets = torch.tensor([t for ids in chunk for t in ids[1:]], device=device)
@@ -234,8 +221,6 @@ def _flat_chunk(model, stack: _Stack, chunk: list[list[int]], device) -> torch.T
 
 def _row_chunk(model, stack: _Stack, chunk: list[list[int]], device) -> torch.Tensor:
     """As _flat_chunk, one right-padded row per (prompt, candidate) on a 2D padding mask."""
-    from .prefix_cache import as_cache
-
     g, k = len(stack.prompts), len(chunk)
     ids, valid = _right_pad(chunk, model.pad_token_id, device)
     rows = torch.arange(g, device=device).repeat_interleave(k)
