@@ -9,7 +9,7 @@ import torch
 from ..formats.artifacts import ArtifactError
 from ..model.config import IMAGE_TOKEN
 from .media import MediaResolver, pad_media
-from .prefix_cache import as_cache, stack_states
+from .prefix_cache import as_cache, shared_context, stack_states
 
 
 def check_prompt_record(record: dict) -> tuple[str, list[str]]:
@@ -40,8 +40,8 @@ def generate_records(model, records: Iterable[dict], media: MediaResolver, *, nu
                      max_new_tokens: int = 20, length_penalty: float = 1.0, device: str = "cpu",
                      dtype: torch.dtype | None = None, prefix_cache=None) -> list[dict]:
     """One batch: left-padded prompts, each with its own media, decoded together. With a
-    PrefixCache each prompt's states come from it, so only tokens past the longest prefix
-    already run (by an earlier prompt of this batch or of the run) are computed."""
+    PrefixCache a prompt's context (its tokens before its last <image>) is run once per run,
+    so prompts with the same demonstrations compute only their queries."""
     records = list(records)
     tokenizer = model.tokenizer
     texts, entries, visuals = [], [], []
@@ -67,11 +67,12 @@ def _cached_prompts(prefix_cache, batch, entries: list[list[str]], visuals: list
     """A cache holding all but the last token of every left-padded prompt of the batch, each
     prompt's states from the prefix cache. None (the batch is then prefilled as one) when no
     prompt has more than one token, or when less than half the tokens of several prompts would be
-    reused: prompts run one by one cost more than in a batch (and their states are not kept)."""
+    shared within the batch: prompts run one by one cost more than in a batch."""
     n = batch.input_ids.shape[1]
     prompts = [(ids[mask.bool()].tolist()[:-1], media_entries)
                for ids, mask, media_entries in zip(batch.input_ids, batch.attention_mask, entries)]
-    if len(prompts) > 1 and 2 * prefix_cache.reusable(prompts) < sum(len(ids) for ids, _ in prompts):
+    if len(prompts) > 1 and 2 * shared_context(prompts, prefix_cache.model.image_token_id) < sum(
+            len(ids) for ids, _ in prompts):
         return None
     rows = [prefix_cache.run(ids, media_entries, visual.unsqueeze(0) if len(visual) else None, len(ids))[0]
             for (ids, media_entries), visual in zip(prompts, visuals)]

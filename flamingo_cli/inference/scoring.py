@@ -30,8 +30,9 @@ def score_candidates(model, prompt_ids: torch.Tensor, visual: torch.Tensor | Non
     scored too: that is what tells "red" from a prefix of "red circle".
     normalize: "sum" (total log-likelihood) or "mean" (per candidate token). A prompt whose
     longest candidate would run past the LM's context is an error naming it (`name`).
-    With a PrefixCache (and the prompt's `media` entries, which identify its images) only the
-    prompt's tokens past its longest cached prefix are run.
+    With a PrefixCache (and the prompt's `media` entries, which identify its images) a context
+    (the tokens before the prompt's last <image>) already run is not run again; the scores are
+    the same bits either way.
     """
     _normalized([], [], normalize)
     if prompt_ids.ndim != 2 or prompt_ids.shape[0] != 1:
@@ -55,8 +56,8 @@ def score_records(model, records: Iterable[dict], media, *, candidates: list[str
     `candidates` field, else its template's; a template's continuation replaces the default.
 
     Consecutive records with the same candidates are scored together, batch_size (prompt,
-    candidate) rows per forward; each prompt runs once (with a PrefixCache, only its tokens past
-    the longest cached prefix). Records come out in input order, a group at a time."""
+    candidate) rows per forward; each prompt runs once (with a PrefixCache, only its query when
+    its context ran before). Records come out in input order, a group at a time."""
     from ..formats.artifacts import ArtifactError
     from .prompting import load_template
 
@@ -135,7 +136,7 @@ class _Prompt:
 
 def _run_prompt(model, ids: list[int], visual, prefix_cache, media) -> _Prompt:
     if prefix_cache is None:
-        prefix_cache = PrefixCache(model, max_bytes=0)  # runs the prompt, keeps nothing
+        prefix_cache = PrefixCache(model, max_bytes=0)  # runs the prompt as a cache would, keeps nothing
     if media is None:
         media = [f"#{i}" for i in range(ids.count(model.image_token_id))]
     states, logits = prefix_cache.run(ids, media, visual, len(ids), logits=True)

@@ -81,56 +81,76 @@ def test_score_with_the_prefix_cache_and_grouped_records_gives_the_same_scores(m
         assert list(a["scores"].values()) == pytest.approx(list(b["scores"].values()), rel=1e-6, abs=1e-5)
 
 
-def test_states_from_the_cache_are_the_states_of_a_fresh_run(make_model):
+def test_scores_do_not_depend_on_what_the_cache_saw_before(make_model):
+    """The property sharded runs rest on: a group's scores are the same bits whether its contexts
+    come from a cache that saw other groups first, from a fresh one, or from none."""
+    model = make_model("gpt2", gates=0.5)
+    media = Media()
+    rs = [{**r, "id": i} for i, r in enumerate(records() * 2)]
+    groups = [rs[i:i + 2] for i in range(0, len(rs), 2)]  # 2 records x 4 candidates = one batch of 8
+    one_run = list(score_records(model, rs, media, candidates=CANDIDATES, batch_size=8,
+                                 prefix_cache=PrefixCache(model)))
+    alone = [r for group in groups for r in score_records(model, group, media, candidates=CANDIDATES, batch_size=8,
+                                                          prefix_cache=PrefixCache(model))]
+    off = list(score_records(model, rs, media, candidates=CANDIDATES, batch_size=8))
+    assert [r["scores"] for r in one_run] == [r["scores"] for r in alone] == [r["scores"] for r in off]
+
+
+def test_a_context_runs_once_and_its_states_are_those_of_a_fresh_run(make_model):
     model = make_model("llama", gates=0.5)
     cache = PrefixCache(model)
     tok = model.tokenizer
     a = tok(SHOTS + QUERIES[0]).input_ids
     b = tok(SHOTS + QUERIES[2]).input_ids
-    common = [i for i, t in enumerate(a) if t == model.image_token_id][3]  # up to the query's image (qa vs qb)
-    assert a[:common + 1] == b[:common + 1]
+    context = [i for i, t in enumerate(a) if t == model.image_token_id][3]  # up to the query's image (qa vs qb)
+    assert a[:context + 1] == b[:context + 1]
     media = Media()
     va, vb = media.visuals(["s0", "s1", "s2", "qa"])[None], media.visuals(["s0", "s1", "s2", "qb"])[None]
-    cache.run(a, ["s0", "s1", "s2", "qa"], va, len(a))
+    first, _ = cache.run(a, ["s0", "s1", "s2", "qa"], va, len(a))
     assert (cache.hits, cache.misses) == (0, len(a))
-    states, _ = cache.run(b, ["s0", "s1", "s2", "qb"], vb, len(b))  # the match ends inside a's edge: a split
-    assert (cache.hits, cache.misses) == (common, len(a) + len(b) - common)
-    for (k, v), (k0, v0) in zip(states, fresh_states(model, b, vb)):
+    states, _ = cache.run(b, ["s0", "s1", "s2", "qb"], vb, len(b))
+    assert (cache.hits, cache.misses) == (context, len(a) + len(b) - context)
+    for (k, v), (k0, v0), (ka, _) in zip(states, fresh_states(model, b, vb), first):
+        assert torch.equal(k[..., :context, :], ka[..., :context, :])  # the same context, not a re-run
         torch.testing.assert_close(k, k0, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(v, v0, atol=1e-5, rtol=1e-5)
-    # Same tokens, another image in second place: only the tokens before that image are shared.
-    before = a.index(model.image_token_id, a.index(model.image_token_id) + 1)
+    # Same tokens, another image in second place: another context, run afresh.
     hits = cache.hits
     vc = media.visuals(["s0", "x", "s2", "qa"])[None]
     states, _ = cache.run(a, ["s0", "x", "s2", "qa"], vc, len(a))
-    assert cache.hits - hits == before
+    assert cache.hits == hits
     for (k, _), (k0, _) in zip(states, fresh_states(model, a, vc)):
         torch.testing.assert_close(k, k0, atol=1e-5, rtol=1e-5)
-    # A prompt seen before comes back whole; asking for logits still runs its last token.
-    hits = cache.hits
+    # A prompt seen before: its context comes back, its query (with the logits asked for) runs.
     _, logits = cache.run(a, ["s0", "x", "s2", "qa"], vc, len(a), logits=True)
-    assert cache.hits - hits == len(a) - 1 and logits is not None
+    assert cache.hits - hits == context and logits is not None
 
 
 def test_the_cache_stays_within_its_bound_and_keeps_what_was_used_last(make_model):
     model = make_model("llama", gates=0.5)
     tok = model.tokenizer
-    prompts = [tok(f"{word} " * 20).input_ids for word in ("red", "blue", "green", "two")]
+    media = Media()
+    prompts = [tok(f"{word} " * 20 + "<image>Output:").input_ids for word in ("red", "blue", "green", "two")]
+    run = lambda cache, ids: cache.run(ids, ["q"], media.visuals(["q"])[None], len(ids))  # noqa: E731
     probe = PrefixCache(model)
-    probe.run(prompts[0], [], None, len(prompts[0]))
-    per_token = probe.token_bytes
-    bound = per_token * (len(prompts[0]) + len(prompts[1]))
+    sizes = []
+    for ids in prompts:
+        before = probe.bytes
+        run(probe, ids)
+        sizes.append(probe.bytes - before)
+    bound = sizes[-1] + sizes[-2]  # the last two contexts
     cache = PrefixCache(model, max_bytes=bound)
     for ids in prompts:
-        cache.run(ids, [], None, len(ids))
-        assert cache.tokens * per_token <= bound
+        run(cache, ids)
+        assert 0 < cache.bytes <= bound
+    assert len(cache.contexts) == 2 and not any(t.requires_grad for t, _ in next(iter(cache.contexts.values())))
     hits = cache.hits
-    cache.run(prompts[-1], [], None, len(prompts[-1]))
-    assert cache.hits - hits == len(prompts[-1]), "the last prompt is still there"
+    run(cache, prompts[-1])
+    assert cache.hits > hits, "the last context is still there"
     hits = cache.hits
-    cache.run(prompts[0], [], None, len(prompts[0]))
-    assert cache.hits - hits < len(prompts[0]), "the first was evicted"
+    run(cache, prompts[0])
+    assert cache.hits == hits, "the first was evicted"
     off = PrefixCache(model, max_bytes=0)
-    off.run(prompts[0], [], None, len(prompts[0]))
-    off.run(prompts[0], [], None, len(prompts[0]))
-    assert off.hits == 0 and off.tokens == 0
+    run(off, prompts[0])
+    run(off, prompts[0])
+    assert off.hits == 0 and off.bytes == 0 and not off.contexts

@@ -76,10 +76,12 @@ def test_the_prompt_runs_once(make_model, batch_size):
         lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
     score_candidates(model, prompt_ids, visual, CANDIDATES, batch_size=batch_size)
     handle.remove()
-    assert len(lengths) == 1 + math.ceil(len(CANDIDATES) / batch_size)
-    assert lengths[0] == prompt_ids.shape[1]
+    # The prompt runs once, as its context (the tokens before its last <image>) and then its query.
+    assert len(lengths) == 2 + math.ceil(len(CANDIDATES) / batch_size)
+    ids = prompt_ids[0].tolist()
+    assert lengths[:2] == [len(ids) - 1 - ids[::-1].index(model.image_token_id), ids[::-1].index(model.image_token_id) + 1]
     # Later calls run candidate tokens only, laid end to end: no padding, the prompt never again.
-    assert sum(lengths[1:]) == sum(len(candidate_tokens(model, c)) - 1 for c in CANDIDATES)
+    assert sum(lengths[2:]) == sum(len(candidate_tokens(model, c)) - 1 for c in CANDIDATES)
 
 
 def test_the_images_matter(make_model):
@@ -123,7 +125,7 @@ def test_single_token_candidates_need_no_forward_beyond_the_prompt(make_model):
     handle = model.lm.register_forward_pre_hook(lambda *_: calls.append(1))
     got = score_candidates(model, prompt_ids, visual, single, continuation="{candidate}")
     handle.remove()
-    assert len(calls) == 1
+    assert len(calls) == 2  # the prompt's context and its query
     assert got == pytest.approx(naive_scores(model, prompt_ids, visual, single, template="{}"), abs=1e-4)
     # Mixed with longer ones in one chunk: the single-token rows are all padding after their first token.
     mixed = [*single, *CANDIDATES]
