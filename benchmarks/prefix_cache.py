@@ -1,32 +1,42 @@
-"""Few-shot inference with and without reuse, on one random Flamingo (LLaMA 6 x 512, xattn every
-layer, 64 visual tokens of width 768 per image; nothing is downloaded), all measured in this run:
+"""Few-shot inference against OpenFlamingo's method, on one random Flamingo (LLaMA 6 x 512 with a
+2048-position context, xattn every layer, 64 visual tokens of width 768 per image; nothing is
+downloaded), all measured in this run:
 
-  generate: 8 queries after 24 shots (the tiny LM takes 512 positions) (the same shots for all, or each query its own), greedy and
-    3 beams, batch 8:
-      before  transformers' generate over each whole prompt, expanded per beam before its
-              prefill, every image's K/V projected per beam (this project's generate until now)
-      off     prefilled once per prompt for all beams, each token attending to its own image
-      on      as off, with the prefix cache: shared demonstrations run once
+  generate: 8 queries after 32 or 4 shots (the same shots for all, or each query its own),
+    greedy and 3 beams, batch 8, 20 new tokens:
+      openflamingo  OpenFlamingo 2.0.1's inference on the same weights: each query's whole
+                    prompt through transformers' generate, expanded per beam before its
+                    prefill, its images repeated per beam, every image's cross-attention K/V
+                    projected again at every step and attended by every token under a mask
+      off           ours with the prefix cache off: a prompt prefilled once for all its beams,
+                    each image's K/V projected once, each token attending to its own image
+      on            as off, with the prefix cache: shared demonstrations run once
   score: 1000 candidates after one 4-shot prompt:
       loop    OpenFlamingo's method: each candidate its own forward over a copy of the prompt's
               cache, with every image's K/V recomputed (timed on the first 100, per candidate)
       ours    score_candidates: candidates laid end to end against the prompt's states
 
-Outputs are checked equal (texts; scores within 1e-4). Prints seconds and ratios.
+Outputs are checked equal (texts; scores within 1e-4). Prints seconds and ratios, and for ours
+on fixed shots, greedy, and on the 1000-way scoring, the FLOP/s achieved (FLOPs counted by
+torch's FlopCounterMode on a second, untimed run) against this machine's ceilings (a 2048^3
+matmul in fp32 and bf16, measured here).
 
-    .venv/bin/python benchmarks/prefix_cache.py
+    .venv/bin/python benchmarks/prefix_cache.py [--shots 32,4]
 """
+import argparse
 import copy
 import os
 import random
 import tempfile
 import time
+from contextlib import contextmanager
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from flamingo_cli.inference.generation import generate_records  # noqa: E402
 from flamingo_cli.inference.prefix_cache import PrefixCache  # noqa: E402
@@ -37,12 +47,15 @@ from flamingo_cli.model.masking import image_index  # noqa: E402
 from flamingo_cli.tiny import save_tiny_lm  # noqa: E402
 
 DIM, LATENTS = 768, 64
-SHOTS = 24  # the most that fit the tiny LM's 512 positions with 20 new tokens
+POSITIONS = 2048  # 32 shots and 20 new tokens fit
 WORDS = ["red", "green", "blue", "yellow", "purple", "circle", "square", "triangle", "star", "diamond"]
 
 
 def build_model(directory: str) -> Flamingo:
     path = save_tiny_lm(directory, "llama", layers=6, hidden=512, heads=8)
+    lm_config = AutoConfig.from_pretrained(path)  # rotary positions: a longer context changes no weight
+    lm_config.max_position_embeddings = POSITIONS
+    lm_config.save_pretrained(path)
     config = FlamingoConfig(resampler=ResamplerConfig(dim=DIM, depth=1, heads=8, dim_head=64, num_latents=LATENTS),
                             xattn=XAttnConfig(every=1, heads=8, dim_head=64))
     config.lm.path = str(path)
@@ -68,7 +81,7 @@ class Media:
 
 def shot(i: int) -> str:
     rng = random.Random(i)
-    return f"<image>Output: a {rng.choice(WORDS)} {rng.choice(WORDS)}.<|endofchunk|>"  # short: the LM takes 512
+    return f"<image>Output: a {rng.choice(WORDS)} {rng.choice(WORDS)}.<|endofchunk|>"
 
 
 def records(shots: int, queries: int, fixed: bool) -> list[dict]:
@@ -80,15 +93,30 @@ def records(shots: int, queries: int, fixed: bool) -> list[dict]:
     return out
 
 
-def before(model, batch, media, num_beams):
-    """The previous generate: the whole prompt through transformers' generate, per beam."""
+@contextmanager
+def every_key_masked(model):
+    """Cross-attention over all m x l keys of a sequence's images under the mask, as OpenFlamingo
+    attends (ours attends to each token's own image's l keys): the same outputs, more work."""
+    attns = [block.attn for block in model.xattn.values()]
+    for attn in attns:
+        attn._own_image = attn._masked  # shadows the method on this instance
+    try:
+        yield
+    finally:
+        for attn in attns:
+            del attn._own_image
+
+
+def openflamingo(model, batch, media, num_beams):
+    """OpenFlamingo's generate on our weights: the whole prompt through transformers' generate,
+    the media repeated per beam, no K/V kept between steps (kv=None)."""
     tok = model.tokenizer
     tok.padding_side = "left"
     enc = tok([r["prompt"] for r in batch], return_tensors="pt", padding=True)
     visual = torch.stack([media.visuals(r["media"]) for r in batch])
     phi = image_index(enc.input_ids, model.image_token_id)
-    ctx = MediaContext(visual=visual.repeat_interleave(num_beams, 0), phi=phi.repeat_interleave(num_beams, 0))
-    with model._conditioned(ctx), torch.no_grad():
+    ctx = MediaContext(visual=visual.repeat_interleave(num_beams, 0), phi=phi.repeat_interleave(num_beams, 0), kv=None)
+    with every_key_masked(model), model._conditioned(ctx), torch.no_grad():
         out = model.lm.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=False,
                                 num_beams=num_beams, max_new_tokens=20, eos_token_id=[model.eoc_token_id],
                                 pad_token_id=model.pad_token_id, suppress_tokens=[model.image_token_id])
@@ -101,24 +129,46 @@ def timed(fn):
     return time.perf_counter() - start, result
 
 
-def bench_generate(model, media):
-    n = len(model.tokenizer(records(SHOTS, 1, True)[0]["prompt"]).input_ids)
-    print(f"generate: 8 queries, {SHOTS} shots ({n} tokens), batch 8, 20 new tokens")
+def ceilings() -> dict[str, float]:
+    """GFLOP/s of a 2048^3 matmul on this machine, fp32 and bf16: the best of 5."""
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        a @ b
+        best = min(timed(lambda: a @ b)[0] for _ in range(5))
+        out[str(dtype).removeprefix("torch.")] = 2 * 2048 ** 3 / best / 1e9
+    return out
+
+
+def achieved(what: str, fn, seconds: float, peak: dict[str, float]) -> None:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    rate = counter.get_total_flops() / seconds / 1e9
+    print(f"  achieved, {what}: {counter.get_total_flops() / 1e9:.1f} GFLOP in {seconds:.2f} s = {rate:.1f} GFLOP/s, "
+          f"{rate / peak['float32']:.0%} of the fp32 ceiling", flush=True)
+
+
+def bench_generate(model, media, shots, peak):
+    n = len(model.tokenizer(records(shots, 1, True)[0]["prompt"]).input_ids)
+    print(f"generate: 8 queries, {shots} shots ({n} tokens), batch 8, 20 new tokens")
     for fixed in (True, False):
-        rs = records(SHOTS, 8, fixed)
+        rs = records(shots, 8, fixed)
         for beams in (1, 3):
-            t_before, want = timed(lambda: before(model, rs, media, beams))
+            t_of, want = timed(lambda: openflamingo(model, rs, media, beams))
             t_off, off = timed(lambda: [r["output"] for r in generate_records(model, rs, media, num_beams=beams)])
             cache = PrefixCache(model)
             t_on, on = timed(lambda: [r["output"] for r in generate_records(model, rs, media, num_beams=beams,
                                                                           prefix_cache=cache)])
             assert want == off == on, (want, off, on)
-            print(f"  {'fixed ' if fixed else 'random'} shots, {beams} beam(s): before {t_before:6.2f} s  "
-                  f"off {t_off:6.2f} s  on {t_on:6.2f} s   on vs before {t_before / t_on:5.1f}x  "
-                  f"on vs off {t_off / t_on:4.1f}x  (prefix hits {cache.hits}, run {cache.misses} tokens)")
+            print(f"  {'fixed ' if fixed else 'random'} shots, {beams} beam(s): openflamingo {t_of:6.2f} s  "
+                  f"off {t_off:6.2f} s  on {t_on:6.2f} s   on vs openflamingo {t_of / t_on:5.1f}x  "
+                  f"on vs off {t_off / t_on:4.1f}x", flush=True)
+            if fixed and beams == 1:
+                achieved(f"{shots} fixed shots, greedy, cache on", lambda: list(generate_records(
+                    model, rs, media, num_beams=1, prefix_cache=PrefixCache(model))), t_on, peak)
 
 
-def bench_score(model, media):
+def bench_score(model, media, peak):
     r = records(4, 1, True)[0]
     ids = model.tokenizer(r["prompt"], return_tensors="pt").input_ids
     visual = media.visuals(r["media"])[None]
@@ -142,15 +192,22 @@ def bench_score(model, media):
     per_loop, per_ours = t_loop / n, t_ours / len(answers)
     print(f"score: 1000 candidates, 4 shots: ours {t_ours:.2f} s ({per_ours * 1e3:.2f} ms per candidate); "
           f"per-candidate loop {per_loop * 1e3:.1f} ms per candidate: {per_loop / per_ours:.0f}x")
+    achieved("1000-way scoring", lambda: score_candidates(model, ids, visual, answers, batch_size=64), t_ours, peak)
 
 
 def main():
-    print(f"torch threads: {torch.get_num_threads()}")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shots", default="32,4", help="shot counts for generate, comma separated")
+    args = parser.parse_args()
+    peak = ceilings()
+    print(f"torch threads: {torch.get_num_threads()}; ceilings (2048^3 matmul): "
+          + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()))
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(tmp)
         media = Media()
-        bench_score(model, media)
-        bench_generate(model, media)
+        bench_score(model, media, peak)
+        for shots in map(int, args.shots.split(",")):
+            bench_generate(model, media, shots, peak)
 
 
 if __name__ == "__main__":

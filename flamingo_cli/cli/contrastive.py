@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .core import input_records, key_values, preset_option, progress, quiet_libraries, single_process
+from .core import input_records, key_values, preset_option, progress, quiet_libraries
+from .placing import single_process
 
 
 @click.command(short_help="Pretrain a vision encoder contrastively on image-caption pairs.")

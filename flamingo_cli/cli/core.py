@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import stat
 import sys
 import traceback
 from collections.abc import Iterable, Iterator
@@ -54,6 +55,10 @@ class FlamingoGroup(click.Group):
         except KeyboardInterrupt:
             raise Interrupted from None
         except FlamingoError as e:
+            from ..inference.sharding import RankStopped
+
+            if isinstance(e, RankStopped):  # rank 0 says why, once
+                raise click.exceptions.Exit(1) from None
             if _debug():
                 traceback.print_exc()
             raise click.ClickException(str(e)) from None
@@ -78,12 +83,25 @@ def cli(debug: bool):
         os.environ["FLAMINGO_DEBUG"] = "1"
 
 
+def _in_pipe() -> bool:
+    """Whether stdin or stdout is a pipe, so another process may be working beside this one."""
+    for fd in (0, 1):
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                return True
+        except OSError:  # closed
+            pass
+    return False
+
+
 def main() -> None:
     """Entry point: click in non-standalone mode, so a closed pipe can end quietly with 0."""
     # Stages of one pipe share the cores. OpenMP's default of spinning while it waits makes
-    # a busy neighbour slow every small op by ~50x; sleeping threads cost almost nothing.
-    # Set before torch loads; the user's own setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # a busy neighbour slow every small op by ~50x, so in a pipe threads sleep instead; alone,
+    # spinning is faster for small ops (benchmarks/cli_overhead.py). Set before torch loads; the
+    # user's own setting wins.
+    if _in_pipe():
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     global _MAIN_PID
     _MAIN_PID = os.getpid()
     signal.signal(signal.SIGTERM, _terminate)
@@ -110,7 +128,23 @@ def main() -> None:
     except click.Abort:
         click.echo("Aborted!", err=True)
         code = 1
-    sys.exit(code if isinstance(code, int) else 0)
+    code = code if isinstance(code, int) else 0
+    if _in_group():
+        # A torchrun/srun rank, its work done and written: leave without the interpreter's teardown,
+        # in which gloo's threads can abort the finished process ("terminate called without an
+        # active exception", a SIGABRT that fails the whole job).
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except OSError:
+                pass
+        os._exit(code)
+    sys.exit(code)
+
+
+def _in_group() -> bool:
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 # -- options -------------------------------------------------------------------------------
@@ -167,6 +201,13 @@ def stage_options(*, ckpt: bool = True):
 dtype_option = click.option("--dtype", type=click.Choice(DTYPES), default="float32",
                             show_default=True, help="Autocast dtype for the frozen parts (bfloat16 is fast on CPUs with AMX).")
 
+model_dtype_option = click.option(
+    "--dtype", type=click.Choice(DTYPES), default=None,
+    help="Hold the model (the frozen LM, the cross-attention and the resampler) in this dtype, cast once as it "
+         "loads: bfloat16 halves its memory and is faster where the CPU or GPU has bf16 units; scores and, near "
+         "ties, answers differ from float32. Default: the checkpoint's lm.dtype (float32 unless its config says "
+         "otherwise), the rest float32.")
+
 prefix_cache_option = click.option(
     "--prefix-cache", "prefix_cache_mib", type=click.IntRange(min=0), default=2048, show_default=True, metavar="MIB",
     help="Keep up to MIB of prompt states, so prompts that begin alike (the same demonstrations) run what they "
@@ -215,12 +256,6 @@ def quiet_libraries(quiet: bool = False) -> None:
         hf_logging.disable_progress_bar()
 
 
-def single_process(stage: str) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise click.UsageError(f"flamingo {stage} runs as one process; under torchrun, split the input "
-                               "and run one process per part instead")
-
-
 def setup(seed: int, quiet: bool) -> None:
     import torch
 
@@ -242,13 +277,17 @@ def say_derived_ids(first: str) -> None:
 
 
 def input_records(source: str) -> Iterator[dict]:
-    """The records of a file or of stdin ('-'), read as they are consumed, so a stage works on
+    """The records of a file, of stdin ('-') or of webdataset shards (`data/{000..009}.tar`, their
+    media unpacked into the cache: formats/shards.py), read as they are consumed, so a stage works on
     the first batch while the rest is still arriving. Empty input is an error here, before any
     model loads; a bad line later on is an error when it is reached."""
-    from ..formats.artifacts import ArtifactError
+    from ..formats.artifacts import ArtifactError, cache_dir
     from ..formats.records import iter_records_file, read_records
+    from ..formats.shards import is_shards, shard_records
 
-    if source == "-":
+    if is_shards(source):
+        records = shard_records(source, cache_dir() / "shards")
+    elif source == "-":
         if sys.stdin.isatty():
             raise click.UsageError("no input: pipe JSON Lines records in, or name a file (- means stdin)")
         records = read_records(sys.stdin.buffer, "<stdin>", on_derived_id=say_derived_ids)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .core import (autocast_dtype, checkpoint_dir, dtype_option, input_records, peeked, progress, setup,
-                   single_process, stage_options)
+from .core import autocast_dtype, checkpoint_dir, dtype_option, input_records, peeked, progress, setup, stage_options
+from .placing import placed, placed_run, shard_option
 
 
 @click.command(short_help="Encode images and videos into feature references.")
@@ -31,13 +31,16 @@ from .core import (autocast_dtype, checkpoint_dir, dtype_option, input_records, 
               help="Where a video's clip is: the window centred in it, a window at a random start (seeded by "
               "--seed and the video's content), or frames spread uniformly over the whole video.")
 @dtype_option
+@shard_option
 def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, workers, skip_bad, wds_pattern,
-           max_pixels, shard_size, frames, fps, clip, dtype):
+           max_pixels, shard_size, frames, fps, clip, dtype, shard):
     """Encode images and videos with the checkpoint's frozen vision encoder.
 
     INPUTS are image or video files, directories (searched recursively, in sorted order),
     records files (*.jsonl: JSON Lines records with an `image` or `video` field, its path
-    relative to the file) or - for records on stdin; with no INPUTS, records are read from
+    relative to the file), webdataset shards (*.tar, brace patterns: img2dataset's KEY.jpg
+    with KEY.txt and KEY.json, or what --wds writes; their media are unpacked once into the
+    cache, by content) or - for records on stdin; with no INPUTS, records are read from
     stdin. A video (mp4, webm, mkv, avi, mov, an animated GIF, ...) becomes a clip of
     --frames frames --fps apart, each encoded on its own; a clip always has --frames frames
     (past a short video's end, its last frame), from the record's `start`..`end` segment
@@ -47,38 +50,48 @@ def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, worke
     re-encoding is free. Records are read as they arrive and written as each batch
     finishes. With --wds, it also writes feature shards for `flamingo pretrain` (a
     document's `features` is a list, one reference per entry of its `images`).
-    Runs as a single process.
+    Under torchrun or srun, windows of records are dealt to the ranks and rank 0 writes
+    the output in input order; --shard I/N splits the work across independent jobs.
     """
     from pathlib import Path
 
     from ..formats.artifacts import cache_dir, open_output
     from ..formats.checkpoint import load_checkpoint_encoder
     from ..formats.records import write_records
-    from ..inference.encoding import encode_records
+    from ..formats.shards import is_shards
+    from ..inference.encoding import WINDOW, encode_records
+    from ..inference.generation import batches
     from ..inference.media import find_media, media_record
     from ..inference.video import FrameSampling
 
-    single_process("encode")
+    place = placed(shard)
+    if wds_pattern and (place.size > 1 or place.shard):
+        raise click.UsageError("--wds packs shards as one process: encode the records sharded first, then run "
+                               "encode --wds once with the same --out (the features are found, not recomputed)")
+    quiet = quiet or not place.leader
     setup(seed, quiet)
 
     def media_inputs():
         for item in inputs or ("-",):
-            if item == "-" or item.endswith(".jsonl"):
+            if item == "-" or item.endswith(".jsonl") or is_shards(item):
                 yield from input_records(item)
             elif Path(item).is_dir():
                 yield from (media_record(str(p)) for p in find_media(Path(item)))
             else:
                 yield media_record(item)
 
-    records = peeked(media_inputs())
-    if records is None:
-        raise click.UsageError(f"no images or videos found in {' '.join(inputs)}")
+    records = None
+    if place.leader:
+        records = peeked(media_inputs())
+        if records is None:
+            raise click.UsageError(f"no images or videos found in {' '.join(inputs)}")
     encoder, identity = load_checkpoint_encoder(checkpoint_dir(ckpt, quiet=quiet))
+    device = place.device(device)
     encoder = encoder.to(device)
     skipped = []
     root = Path(out_dir) if out_dir else cache_dir()
     options = dict(root=root, batch_size=batch_size, workers=workers, skip_bad=skip_bad, device=device,
-                   dtype=autocast_dtype(dtype), on_skip=skipped.append, max_pixels=max_pixels,
+                   dtype=autocast_dtype(dtype), max_pixels=max_pixels,
                    sampling=FrameSampling(frames=frames, fps=fps, clip=clip, seed=seed))
     if wds_pattern:
         from ..inference.encoding import write_feature_shards
@@ -87,11 +100,19 @@ def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, worke
             raise click.BadParameter("needs a %d-style shard number, e.g. out/shard-%06d.tar", param_hint="--wds")
         with progress(quiet, unit="file", desc="encode") as bar, open_output(output) as out:
             write_feature_shards(encoder, identity, records, wds_pattern, maxcount=shard_size, on_batch=bar.update,
-                                 on_record=lambda record: write_records(out, [record]), **options)
+                                 on_record=lambda record: write_records(out, [record]), on_skip=skipped.append,
+                                 **options)
     else:
-        with progress(quiet, unit="file", desc="encode") as bar, open_output(output) as out:
-            for batch in encode_records(encoder, identity, records, **options):
-                write_records(out, batch)
-                bar.update(len(batch))
+        def work(window):  # a window is what one DataLoader decodes: the unit dealt to a rank
+            bad = []
+            for batch in encode_records(encoder, identity, window, on_skip=bad.append, **options):
+                yield batch, [*bad]
+                bad.clear()
+
+        units = batches(place.records(records), batch_size * WINDOW) if place.leader else None
+        with placed_run(place, output, units, work, quiet=quiet, desc="encode", unit="file") as (results, write):
+            for outputs, bad in results:
+                skipped += bad
+                write(outputs)
     if skipped:
         click.echo(f"flamingo encode: skipped {len(skipped)} unreadable file(s); first: {skipped[0]}", err=True)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .core import input_records, shot_options, shot_prompts, single_process, stage_options
+from .core import input_records, shot_options, shot_prompts, stage_options
+from .placing import single_process
 
 
 @click.command(short_help="Build few-shot prompts from queries and a support set.")

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .core import checkpoint_dir, input_records, progress, setup, single_process, stage_options
+from .core import checkpoint_dir, input_records, setup, stage_options
+from .placing import placed, placed_run, shard_option
 
 
 @click.command(short_help="Turn feature records into visual-token records.")
@@ -11,27 +12,32 @@ from .core import checkpoint_dir, input_records, progress, setup, single_process
 @stage_options()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Directory for visual-token files (default: the cache).")
-def resample(input, ckpt, output, device, seed, quiet, out_dir):
+@shard_option
+def resample(input, ckpt, output, device, seed, quiet, out_dir, shard):
     """Run the checkpoint's Perceiver Resampler over feature records.
 
     Adds `visual` (PATH.safetensors#visual, latents x dim) to each record with a
     `features` reference. Resample a support set once, and every prompt that uses
     it skips that work. Visual tokens are tied to the checkpoint that made them.
-    Runs as a single process.
+    Under torchrun or srun, records are dealt to the ranks and rank 0 writes the output
+    in input order; --shard I/N splits the work across independent jobs instead.
     """
     from pathlib import Path
 
-    from ..formats.artifacts import cache_dir, open_output
-    from ..formats.records import write_records
+    from ..formats.artifacts import cache_dir
     from ..inference.encoding import resample_records
+    from ..inference.generation import batches
     from ..inference.media import load_for_inference
 
-    single_process("resample")
+    place = placed(shard)
+    quiet = quiet or not place.leader
     setup(seed, quiet)
-    records = input_records(input)
+    # One record a unit: the resampler is cheap, and a pipe sees each record at once.
+    units = batches(place.records(input_records(input)), 1) if place.leader else None
+    device = place.device(device)
     model, _ = load_for_inference(checkpoint_dir(ckpt, quiet=quiet), device)
     root = Path(out_dir) if out_dir else cache_dir()
-    with progress(quiet, unit="rec", desc="resample") as bar, open_output(output) as out:
-        for record in records:  # one at a time: the resampler is cheap, and a pipe sees each at once
-            write_records(out, resample_records(model, [record], root=root, device=device))
-            bar.update(1)
+    with placed_run(place, output, units, lambda unit: [resample_records(model, unit, root=root, device=device)],
+                    quiet=quiet, desc="resample") as (results, write):
+        for outputs in results:
+            write(outputs)

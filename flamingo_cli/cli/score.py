@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import click
 
-from .core import (autocast_dtype, checkpoint_dir, dtype_option, input_records, prefix_cache, prefix_cache_option,
-                   progress, setup, single_process, stage_options)
+from .core import (checkpoint_dir, input_records, model_dtype_option, prefix_cache, prefix_cache_option, setup,
+                   stage_options)
+from .placing import placed, placed_run, shard_option
 
 
 @click.command(short_help="Rank candidate answers by likelihood.")
@@ -16,23 +17,28 @@ from .core import (autocast_dtype, checkpoint_dir, dtype_option, input_records, 
               help="Total log-likelihood, or per token.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="(prompt, candidate) pairs per batched forward; records that share their candidates are batched.")
-@dtype_option
+@model_dtype_option
 @prefix_cache_option
-def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, batch_size, dtype, prefix_cache_mib):
+@shard_option
+def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, batch_size, dtype, prefix_cache_mib,
+          shard):
     """Score close-ended candidates for prompt records.
 
+    INPUT is a records file, - for stdin, or webdataset shards (data/{000..009}.tar).
     Adds `scores` {candidate: log-likelihood of " candidate<|endofchunk|>" after the
-    prompt} and `prediction` (the best). Each prompt runs once (prompts that begin alike
-    share what they have in common: --prefix-cache); its candidates are then scored against
+    prompt} and `prediction` (the best). Each prompt runs once (prompts with the same
+    demonstrations run them once: --prefix-cache); its candidates are then scored against
     its states in batched forwards, several records at a time when they share candidates.
-    Runs as a single process.
+    Under torchrun or srun, these groups are dealt to the ranks (one per GPU) and rank 0
+    writes the output in input order, the same bytes as one process; --shard I/N splits
+    the work across independent jobs instead.
     """
-    from ..formats.artifacts import ArtifactError, open_output
-    from ..formats.records import write_records
+    from ..formats.artifacts import ArtifactError
     from ..inference.media import load_for_inference
-    from ..inference.scoring import score_records
+    from ..inference.scoring import score_groups, score_records
 
-    single_process("score")
+    place = placed(shard)
+    quiet = quiet or not place.leader
     setup(seed, quiet)
     fixed = None
     if candidates_file:
@@ -42,12 +48,17 @@ def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, 
             raise ArtifactError(f"{candidates_file}: {e.strerror}") from None
         if not fixed:
             raise ArtifactError(f"{candidates_file}: no candidates")
-    records = input_records(input)
-    model, media = load_for_inference(checkpoint_dir(ckpt, quiet=quiet), device)
+    units = None
+    if place.leader:
+        units = score_groups(place.records(input_records(input)), candidates=fixed, batch_size=batch_size)
+    device = place.device(device)
+    model, media = load_for_inference(checkpoint_dir(ckpt, quiet=quiet), device, dtype=dtype)
     cache = prefix_cache(model, prefix_cache_mib)
-    with progress(quiet, unit="rec", desc="score") as bar, open_output(output) as out:
-        for record in score_records(model, records, media, candidates=fixed, normalize=normalize,
-                                    batch_size=batch_size, device=device, dtype=autocast_dtype(dtype),
-                                    prefix_cache=cache):
-            write_records(out, [record])
-            bar.update(1)
+
+    def work(group):
+        yield list(score_records(model, group, media, candidates=fixed, normalize=normalize, batch_size=batch_size,
+                                  prefix_cache=cache))
+
+    with placed_run(place, output, units, work, quiet=quiet, desc="score") as (results, write):
+        for outputs in results:
+            write(outputs)

@@ -210,12 +210,40 @@ def _short(e: Exception) -> str:
 
 # -- identities and the cache -----------------------------------------------------------
 
+# Files at least this large have their digests remembered (a 9B checkpoint's weights take seconds
+# to hash, at every start of every stage); smaller ones are hashed again, which is cheaper than a lookup.
+DIGEST_MEMO_BYTES = 32 << 20
+_HEX = re.compile(r"[0-9a-f]{64}")
+
+
 def digest_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The sha256 of a file's bytes. A large file's is remembered in the cache under its path,
+    size, modification time and inode, which any rewrite or atomic replacement changes; a cache
+    that cannot be written only means hashing again next time."""
+    path = Path(path)
+    memo = None
+    stat = path.stat()
+    if stat.st_size >= DIGEST_MEMO_BYTES:
+        key = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ino}\0{stat.st_dev}"
+        memo = cache_dir() / "digests" / digest_bytes(key.encode())
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            if _HEX.fullmatch(known := memo.read_text(encoding="ascii").strip()):
+                return known
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if memo is not None:
+        _remember(memo, digest)
+    return digest
+
+
+def _remember(memo: Path, digest: str) -> None:
+    with contextlib.suppress(OSError, ArtifactError):  # a cache we cannot write: hash again next time
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(memo) as tmp:
+            Path(tmp).write_text(digest + "\n", encoding="ascii")
 
 
 def digest_bytes(data: bytes) -> str:
@@ -287,10 +315,15 @@ def read_sample(sample: dict) -> tuple[dict, list, str | None]:
         except Exception as e:
             raise ArtifactError(f"{key}: unreadable features ({_short(e)})") from None
         return record, [tensors[str(i)] for i in range(len(tensors))], header.get("__metadata__", {}).get("encoder")
+    return record, [VideoBytes(data) if suffix in SHARD_VIDEOS else data for suffix, data in shard_media(sample)], None
+
+
+def shard_media(sample: dict) -> list[tuple[str, bytes]]:
+    """A raw sample's media members, (suffix, bytes), in order: KEY.<ext> is medium 0, KEY.<i>.<ext> medium i."""
     media = {}
     for ext, data in sample.items():
         stem, _, suffix = ext.rpartition(".")
         suffix = f".{(suffix or ext).lower()}"
         if suffix in SHARD_IMAGES or suffix in SHARD_VIDEOS:
-            media[int(stem) if stem.isdigit() else 0] = VideoBytes(data) if suffix in SHARD_VIDEOS else data
-    return record, [media[i] for i in sorted(media)], None
+            media[int(stem) if stem.isdigit() else 0] = suffix, data
+    return [media[i] for i in sorted(media)]

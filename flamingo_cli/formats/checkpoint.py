@@ -12,6 +12,8 @@ reads or writes these files; the model itself never touches the filesystem.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -180,8 +182,11 @@ def _first_line(e: Exception) -> str:
     return text[:200]
 
 
-def build_model(config: FlamingoConfig, base: Path | None = None, *, with_encoder: bool = True) -> Flamingo:
-    """A Flamingo with freshly initialised trainable parts around the LM and encoder config names."""
+def build_model(config: FlamingoConfig, base: Path | None = None, *, with_encoder: bool = True,
+                initialise: bool = True) -> Flamingo:
+    """A Flamingo with freshly initialised trainable parts around the LM and encoder config names.
+    initialise=False leaves the trainable parts' memory as allocated, for a checkpoint to fill:
+    drawing a large model's new weights only to overwrite them costs seconds at every start."""
     encoder = load_encoder(config.encoder, base) if with_encoder else None
     if encoder is not None and encoder.dim != config.resampler.dim:
         raise CheckpointError(
@@ -190,7 +195,10 @@ def build_model(config: FlamingoConfig, base: Path | None = None, *, with_encode
     lm, tokenizer = load_lm(config.lm, base)
     overrides = read_lm_overrides(base) if base is not None else {}
     apply_lm_overrides(lm, overrides, str(Path(base or ".") / LM_OVERRIDES_FILE))
-    model = Flamingo(config, lm, tokenizer, encoder)
+    from transformers.initialization import no_init_weights
+
+    with contextlib.nullcontext() if initialise else no_init_weights():
+        model = Flamingo(config, lm, tokenizer, encoder)
     model.lm_overrides = overrides
     return model
 
@@ -239,12 +247,15 @@ def read_config(directory: str | Path) -> FlamingoConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def load_checkpoint(directory: str | Path, *, with_encoder: bool = True) -> Flamingo:
+def load_checkpoint(directory: str | Path, *, with_encoder: bool = True, lm_dtype: str | None = None) -> Flamingo:
     """Load a checkpoint directory. Names and shapes are checked strictly: anything missing,
-    unexpected or mis-shaped is reported in one CheckpointError."""
+    unexpected or mis-shaped is reported in one CheckpointError. lm_dtype replaces the config's
+    lm.dtype: the LM's weights are loaded in it."""
     directory = Path(directory)
     config = read_config(directory)
-    model = build_model(config, directory, with_encoder=with_encoder)
+    if lm_dtype is not None:
+        config = dataclasses.replace(config, lm=dataclasses.replace(config.lm, dtype=lm_dtype))
+    model = build_model(config, directory, with_encoder=with_encoder, initialise=False)  # every tensor is loaded
     model.source_dir = directory
     model.encoder_id = encoder_identity(config.encoder, directory)
     weights = directory / WEIGHTS_FILE

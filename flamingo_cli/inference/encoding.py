@@ -67,11 +67,11 @@ def _encode_window(encoder, identity: str, records: list[dict], *, root: Path, b
     target = lambda key: tensor_path(root, key, identity)  # noqa: E731
     dataset = MediaFiles(items, encoder.transform(), lambda key: target(key).exists(), max_pixels=max_pixels,
                          sampling=sampling)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_unshared)
     for batch in loader:
         fresh = [item for item in batch if item.get("pixels") is not None]
         if fresh:
-            frames = torch.cat([item["pixels"] for item in fresh])
+            frames = torch.cat([torch.from_numpy(item["pixels"]) for item in fresh])
             with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None):
                 features = torch.cat([encoder(chunk.to(device)).float()[:, 0]  # (frames, tokens, d)
                                       for chunk in frames.split(batch_size)])
@@ -94,6 +94,14 @@ def _encode_window(encoder, identity: str, records: list[dict], *, root: Path, b
             ref = make_ref(target(item["digest"]), FEATURES)
             out.append({**records[item["index"]], "features": ref, "encoder": identity})
         yield out
+
+
+def _unshared(batch: list[dict]) -> list[dict]:
+    """A worker's batch with its pixels as numpy arrays, which are pickled through the worker's
+    pipe. Tensors would be shared as file descriptors, served by a thread in the worker: a SIGTERM
+    that ends the stage mid-transfer then shows that thread's traceback, or a failed receipt, rather
+    than the one line a terminated stage prints."""
+    return [{**item, "pixels": item["pixels"].numpy()} if item.get("pixels") is not None else item for item in batch]
 
 
 def resample_records(model, records: list[dict], *, root: Path, device: str = "cpu") -> list[dict]:

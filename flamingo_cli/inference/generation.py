@@ -38,7 +38,7 @@ def check_context(model, name: str, prompt_tokens: int, more: int, what: str) ->
 
 def generate_records(model, records: Iterable[dict], media: MediaResolver, *, num_beams: int = 3,
                      max_new_tokens: int = 20, length_penalty: float = 1.0, device: str = "cpu",
-                     dtype: torch.dtype | None = None, prefix_cache=None) -> list[dict]:
+                     prefix_cache=None) -> list[dict]:
     """One batch: left-padded prompts, each with its own media, decoded together. With a
     PrefixCache a prompt's context (its tokens before its last <image>) is run once per run,
     so prompts with the same demonstrations compute only their queries."""
@@ -55,10 +55,9 @@ def generate_records(model, records: Iterable[dict], media: MediaResolver, *, nu
     for record, length in zip(records, batch.attention_mask.sum(1).tolist()):
         check_context(model, record.get("id", "<record>"), length, max_new_tokens, "--max-new-tokens allows")
     visual = pad_media(visuals)
-    with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None):
-        cache = None if prefix_cache is None else _cached_prompts(prefix_cache, batch, entries, visuals)
-        new = model.generate(batch.input_ids, visual, attention_mask=batch.attention_mask, num_beams=num_beams,
-                             max_new_tokens=max_new_tokens, length_penalty=length_penalty, cache=cache)
+    cache = None if prefix_cache is None else _cached_prompts(prefix_cache, batch, entries, visuals)
+    new = model.generate(batch.input_ids, visual, attention_mask=batch.attention_mask, num_beams=num_beams,
+                         max_new_tokens=max_new_tokens, length_penalty=length_penalty, cache=cache)
     outputs = tokenizer.batch_decode(new, skip_special_tokens=True, **decode_options(tokenizer))
     return [{**record, "output": text.strip()} for record, text in zip(records, outputs)]
 

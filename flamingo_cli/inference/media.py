@@ -187,11 +187,18 @@ class MediaResolver:
         return tokens
 
 
-def load_for_inference(directory: str | Path, device: str = "cpu"):
+def load_for_inference(directory: str | Path, device: str = "cpu", dtype: str | None = None):
     """A checkpoint as the stages use it: (model in eval mode, MediaResolver). The encoder is
     loaded only when a media entry is an image or video path rather than features or visual
-    tokens; a video path is sampled as evaluation samples (30 frames at 3 FPS, centred)."""
-    from ..formats.checkpoint import load_checkpoint, load_checkpoint_encoder
+    tokens; a video path is sampled as evaluation samples (30 frames at 3 FPS, centred).
 
-    model = load_checkpoint(directory, with_encoder=False).to(device).eval()
+    dtype (float32, bfloat16, float16) holds the whole model in it: the LM's weights are loaded
+    in it, the new parts cast once, so no call re-casts weights (as autocast does each call). The
+    encoder stays float32, as `encode` runs it, so features match those encode writes."""
+    from ..formats.checkpoint import DTYPES, load_checkpoint, load_checkpoint_encoder
+
+    model = load_checkpoint(directory, with_encoder=False, lm_dtype=dtype)
+    if dtype is not None:
+        model = model.to(DTYPES[dtype])
+    model = model.to(device).eval()
     return model, MediaResolver(model, load_encoder=lambda: load_checkpoint_encoder(directory)[0], device=device)

@@ -51,17 +51,30 @@ def score_record(model, record: dict, media, candidates: list[str], **options) -
 
 def score_records(model, records: Iterable[dict], media, *, candidates: list[str] | None = None,
                   continuation: str | None = None, normalize: str = "sum", batch_size: int = 32,
-                  device: str = "cpu", dtype: torch.dtype | None = None, prefix_cache=None) -> Iterator[dict]:
+                  prefix_cache=None) -> Iterator[dict]:
     """The `score` stage: each prompt record scored against `candidates` if given, else its own
     `candidates` field, else its template's; a template's continuation replaces the default.
 
-    Consecutive records with the same candidates are scored together, batch_size (prompt,
-    candidate) rows per forward; each prompt runs once (with a PrefixCache, only its query when
-    its context ran before). Records come out in input order, a group at a time."""
+    Consecutive records with the same candidates are scored together (score_groups), batch_size
+    (prompt, candidate) rows per forward; each prompt runs once (with a PrefixCache, only its query
+    when its context ran before). Records come out in input order, a group at a time."""
+    _normalized([], [], normalize)
+    for group, (choices, cont) in _keyed_groups(records, candidates, continuation, batch_size):
+        yield from _score_group(model, group, media, choices, cont, normalize, batch_size, prefix_cache)
+
+
+def score_groups(records: Iterable[dict], *, candidates: list[str] | None = None, continuation: str | None = None,
+                 batch_size: int = 32) -> Iterator[list[dict]]:
+    """The groups score_records scores together, as they fill: runs of consecutive records with
+    the same candidates and continuation, cut when they hold batch_size (prompt, candidate) pairs.
+    A group given back to score_records is scored as one, exactly as within the whole input."""
+    return (group for group, _ in _keyed_groups(records, candidates, continuation, batch_size))
+
+
+def _keyed_groups(records, candidates, continuation, batch_size):
     from ..formats.artifacts import ArtifactError
     from .prompting import load_template
 
-    _normalized([], [], normalize)
     templates = {}
 
     def task(record):
@@ -79,24 +92,22 @@ def score_records(model, records: Iterable[dict], media, *, candidates: list[str
     for record in records:
         this = task(record)
         if group and this != key:
-            yield from _score_group(model, group, media, *key, normalize, batch_size, device, dtype, prefix_cache)
+            yield group, key
             group = []
         group.append(record)
         key = this
         if len(group) * len(key[0]) >= batch_size:  # full: answer now, not when the next record arrives
-            yield from _score_group(model, group, media, *key, normalize, batch_size, device, dtype, prefix_cache)
+            yield group, key
             group = []
     if group:
-        yield from _score_group(model, group, media, *key, normalize, batch_size, device, dtype, prefix_cache)
+        yield group, key
 
 
-def _score_group(model, records, media, candidates, continuation, normalize, batch_size, device, dtype,
-                 prefix_cache) -> list[dict]:
+def _score_group(model, records, media, candidates, continuation, normalize, batch_size, prefix_cache) -> list[dict]:
     token_ids = _candidate_tokens(model, candidates, continuation)
     longest = max(map(len, token_ids))
     prompts = []
-    with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, dtype=dtype,
-                                         enabled=dtype is not None):
+    with torch.no_grad():
         for record in records:
             text, entries = check_prompt_record(record)
             ids = model.tokenizer(text).input_ids

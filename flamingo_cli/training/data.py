@@ -19,6 +19,7 @@ import torch
 
 from ..errors import FlamingoError
 from ..formats.artifacts import ArtifactError, VideoBytes, read_sample
+from ..formats.shards import shard_urls
 from .sampling import SamplingConfig, collate, interleaved_example, pair_example
 
 
@@ -62,23 +63,13 @@ def parse_specs(data: list[str], weights: list[str], batches: list[str]) -> list
         raise FlamingoError(f"bad --weight or --batch value: {e}") from None
 
 
-def _shard_urls(pattern: str) -> list[str]:
-    from webdataset.shardlists import expand_urls
-
-    urls = expand_urls(pattern)
-    missing = [u for u in urls if "://" not in u and not os.path.exists(u)]
-    if missing:
-        raise FlamingoError(f"{missing[0]}: no such shard" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    return urls
-
-
 def check_shards(specs: list[DatasetSpec]) -> None:
     """What a run can check before it creates anything: every dataset's local shards exist, and
     its first is a tar archive with something in it. (Later bad data is skipped and counted.)"""
     import tarfile
 
     for spec in specs:
-        local = [u for u in _shard_urls(spec.pattern) if "://" not in u]
+        local = [u for u in shard_urls(spec.pattern) if "://" not in u]
         if not local:
             continue
         try:
@@ -159,7 +150,7 @@ class ExampleStream:
         self.spec, self.tokenizer, self.sampling, self.seed = spec, tokenizer, sampling, seed
         self.stats = DataStats(position=position)
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
-        self._samples = _raw_samples(_shard_urls(spec.pattern), seed, self.log)
+        self._samples = _raw_samples(shard_urls(spec.pattern), seed, self.log)
         for _ in range(position):
             next(self._samples)
 
@@ -236,7 +227,7 @@ class ShardStream:
 
     def __init__(self, spec: DatasetSpec, tokenizer, sampling: SamplingConfig, *, seed: int, world: int,
                  workers: int, position: int = 0, log=None):
-        urls = _shard_urls(spec.pattern)
+        urls = shard_urls(spec.pattern)
         readers = world * max(1, workers)
         if len(urls) < readers:
             raise FlamingoError(f"dataset {spec.name}: --split shards needs at least {readers} shards "

@@ -31,6 +31,17 @@ def test_importing_the_cli_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
+def test_openmp_threads_sleep_only_when_a_pipe_is_stdin_or_stdout(tmp_path):
+    # What main() decides before torch loads: spin alone (faster), sleep beside a pipe's other stages.
+    code = "from flamingo_cli.cli.core import _in_pipe; import sys; sys.stderr.write(str(_in_pipe()))"
+    run = lambda **kw: subprocess.run([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True,  # noqa: E731
+                                      **kw).stderr
+    with open(tmp_path / "out", "w") as out:
+        assert run(stdin=subprocess.DEVNULL, stdout=out) == "False"
+        assert run(stdin=subprocess.PIPE, stdout=out) == "True"
+    assert run(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE) == "True"
+
+
 def test_bad_option_exits_2_with_usage_on_stderr():
     r = run("init", "--every", "zero", "-o", "x")
     assert r.returncode == 2 and r.stdout == "" and "Usage:" in r.stderr and "Error:" in r.stderr

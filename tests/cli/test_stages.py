@@ -328,10 +328,171 @@ def test_dash_means_stdin_and_stdout(world):
     assert a == b and len(records(a)) == len(COLOURS)
 
 
-def test_under_torchrun_the_stages_refuse_politely(world):
+def test_stages_that_do_not_shard_refuse_under_torchrun_politely(world):
     root, env = world
-    r = sh("flamingo resample < shots.jsonl", root, {**env, "WORLD_SIZE": "2", "RANK": "1"})
+    r = sh("flamingo prompt --shots shots.jsonl < shots.jsonl", root, {**env, "WORLD_SIZE": "2", "RANK": "1"})
     assert r.returncode == 2 and r.stdout == "" and "runs as one process" in r.stderr
+
+
+TORCHRUN = "torchrun --standalone --nproc_per_node 2 --no-python flamingo"
+# Small batches, so the ranks get several units each (an encode window is 8 batches).
+SHARDED = {
+    "encode": "encode imgs/ support.jsonl --batch-size 1",
+    "generate": "generate feats.jsonl --shots shots.jsonl -k 2 --batch-size 2 --max-new-tokens 4",
+    "score": "score prompts.jsonl --candidates classes.txt --batch-size 3",
+    "resample": "resample shots.jsonl",
+}
+
+
+@pytest.fixture(scope="module")
+def sharded_inputs(world):
+    root, env = world
+    sh("flamingo encode imgs/ > feats.jsonl", root, env, check=True)
+    sh("flamingo prompt feats.jsonl --shots shots.jsonl -k 2 > prompts.jsonl", root, env, check=True)
+    return root, env
+
+
+@pytest.mark.parametrize("stage", list(SHARDED))
+def test_under_torchrun_the_output_is_the_bytes_of_one_process(sharded_inputs, stage):
+    root, env = sharded_inputs
+    one = sh(f"flamingo {SHARDED[stage]}", root, env, check=True)
+    two = sh(f"{TORCHRUN} {SHARDED[stage]}", root, env, check=True)
+    assert len(records(one.stdout)) >= 6
+    assert two.stdout == one.stdout
+    assert "Error" not in two.stderr
+
+
+@pytest.mark.parametrize("stage", ["generate", "score"])
+def test_shards_merged_are_the_bytes_of_one_process(sharded_inputs, stage):
+    root, env = sharded_inputs
+    one = sh(f"flamingo {SHARDED[stage]}", root, env, check=True).stdout
+    # In a directory of their own, as a job array writes them: media paths are relative to each file.
+    parts = [f"parts-{stage}/part{i}.jsonl" for i in range(3)]
+    (root / f"parts-{stage}").mkdir(exist_ok=True)
+    indices = []
+    for i, part in enumerate(parts):
+        sh(f"flamingo {SHARDED[stage]} --shard {i}/3 -o {part}", root, env, check=True)
+        indices.append([r["input_index"] for r in records((root / part).read_text())])
+    assert all(indices), "every part has work"
+    assert sorted(sum(indices, [])) == list(range(len(records(one)))), "each input in exactly one part"
+    merged = sh(f"flamingo merge {' '.join(reversed(parts))}", root, env, check=True).stdout
+    assert merged == one
+    twice = sh(f"flamingo merge {parts[0]} {parts[0]}", root, env)
+    assert twice.returncode == 1 and "twice" in twice.stderr and "Traceback" not in twice.stderr
+    plain = sh("flamingo merge shots.jsonl", root, env)
+    assert plain.returncode == 1 and "not a --shard output" in plain.stderr
+    bad = sh(f"flamingo {SHARDED[stage]} --shard 3/3", root, env)
+    assert bad.returncode == 1 and "0 <= I < N" in bad.stderr
+
+
+def test_under_torchrun_a_bad_record_stops_the_run_after_what_came_before_it(sharded_inputs):
+    root, env = sharded_inputs
+    lines = (root / "prompts.jsonl").read_text().splitlines(keepends=True)
+    (root / "bad-prompts.jsonl").write_text("".join(lines[:5]) + "{bad\n" + "".join(lines[5:]))
+    command = "score bad-prompts.jsonl --candidates classes.txt --batch-size 3"
+    one = sh(f"flamingo {command}", root, env)
+    two = sh(f"{TORCHRUN} {command}", root, env)
+    assert one.returncode == two.returncode == 1
+    assert two.stdout == one.stdout and len(records(one.stdout)) == 5
+    errors = [line for line in two.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == ["Error: bad-prompts.jsonl: line 6: malformed JSON (Expecting property name enclosed in double "
+                      "quotes)"], "rank 0 says it once"
+
+
+@pytest.mark.parametrize("bad", [2, 3], ids=["rank-0-unit", "rank-1-unit"])
+def test_under_torchrun_a_unit_that_fails_stops_every_rank_after_what_came_before_it(sharded_inputs, bad):
+    # One record per unit here, dealt 0, 1, 0, 1, ...: record 2 fails on rank 0, record 3 on rank 1,
+    # while the other rank's unit of the round succeeds (the failure once left rank 0 waiting forever).
+    root, env = sharded_inputs
+    prompts = records((root / "prompts.jsonl").read_text())
+    prompts[bad]["media"][-1] = str(root / "gone.safetensors") + "#features"
+    (root / "gone-prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
+    command = "score gone-prompts.jsonl --candidates classes.txt --batch-size 3"
+    one = sh(f"flamingo {command}", root, env)
+    two = sh(f"{TORCHRUN} {command}", root, env, timeout=300)
+    assert one.returncode == two.returncode == 1
+    assert two.stdout == one.stdout and len(records(one.stdout)) == bad
+    errors = [line for line in two.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "gone.safetensors" in errors[0], two.stderr
+    assert "flamingo_cli/" not in two.stderr, "no rank's traceback"
+
+
+def test_generate_prompt_and_score_read_the_shards_encode_wds_writes(world):
+    root, env = world
+    sh("flamingo encode imgs/ > feats.jsonl", root, env, check=True)
+    sh("flamingo encode feats.jsonl --wds shards/q-%06d.tar --shard-size 4 -o /dev/null", root, env, check=True)
+    shards = "'shards/q-{000000..000001}.tar'"
+    assert sorted(p.name for p in (root / "shards").iterdir()) == ["q-000000.tar", "q-000001.tar"]
+    generate = "--shots shots.jsonl -k 2 --max-new-tokens 4 --batch-size 2"
+    from_records = records(sh(f"flamingo generate feats.jsonl {generate}", root, env, check=True).stdout)
+    from_shards = records(sh(f"flamingo generate {shards} {generate}", root, env, check=True).stdout)
+    assert len(from_shards) == 6
+    assert [(r["id"], r["output"]) for r in from_shards] == [(r["id"], r["output"]) for r in from_records]
+    score = "flamingo prompt {} --shots shots.jsonl -k 2 | flamingo score --candidates classes.txt"
+    scored = [records(sh(score.format(source), root, env, check=True).stdout) for source in ("feats.jsonl", shards)]
+    assert [(r["id"], r["scores"]) for r in scored[1]] == [(r["id"], r["scores"]) for r in scored[0]]
+    # the features were unpacked once, into the cache, by content: a second read writes nothing
+    unpacked = sorted((root / "cache" / "shards").rglob("*.safetensors"))
+    assert len(unpacked) == 6
+    stamps = [p.stat().st_mtime_ns for p in unpacked]
+    sh(f"flamingo generate {shards} {generate}", root, env, check=True)
+    assert [p.stat().st_mtime_ns for p in unpacked] == stamps
+
+
+def test_encode_reads_img2dataset_shards(world):
+    # img2dataset's layout: KEY.jpg, KEY.txt (the caption), KEY.json (its metadata), in numbered tars.
+    import io
+
+    from safetensors.torch import load_file
+
+    root, env = world
+    (root / "jpgs").mkdir()
+    for n, chunk in enumerate([COLOURS[:3], COLOURS[3:]]):
+        members = {}
+        for colour in chunk:
+            key = f"{n:05d}{COLOURS.index(colour):04d}"
+            buffer = io.BytesIO()
+            Image.new("RGB", (40, 32), colour).save(buffer, "JPEG")
+            (root / "jpgs" / f"{key}.jpg").write_bytes(buffer.getvalue())
+            members.update({f"{key}.jpg": buffer.getvalue(), f"{key}.txt": f"a {colour} square".encode(),
+                            f"{key}.json": json.dumps({"key": key, "url": f"http://x/{colour}.jpg"}).encode()})
+        _tar(root / f"raw-{n:05d}.tar", members)
+    got = records(sh("flamingo encode 'raw-{00000..00001}.tar'", root, env, check=True).stdout)
+    assert [r["id"] for r in got] == [f"{n:05d}{i:04d}" for n, i in [(0, 0), (0, 1), (0, 2), (1, 3), (1, 4), (1, 5)]]
+    assert got[1]["caption"] == f"a {COLOURS[1]} square" and got[1]["url"] == f"http://x/{COLOURS[1]}.jpg"
+    files = {Path(r["image"]).stem: r for r in records(sh("flamingo encode jpgs/", root, env, check=True).stdout)}
+    for record in got:
+        mine = load_file(record["features"].split("#")[0])["features"]
+        theirs = load_file(files[record["id"]]["features"].split("#")[0])["features"]
+        assert torch.equal(mine, theirs), "the same image, from a shard or a file, encodes the same"
+
+
+@pytest.mark.parametrize("make, problem", [
+    (None, "bad-00000.tar: no such shard (and 1 more)"),
+    (lambda p: p.write_bytes(b"not a tar archive" * 64), "bad-00000.tar: not a readable shard"),
+    (lambda p: _tar(p, {"k1.txt": b"a caption"}), "bad-00000.tar:k1: no media"),
+])
+def test_bad_shards_are_one_line_naming_them(world, make, problem):
+    root, env = world  # shared with the tests above: names of its own
+    for old in root.glob("bad-*.tar"):
+        old.unlink()
+    if make is not None:
+        make(root / "bad-00000.tar")
+        _tar(root / "bad-00001.tar", {})
+    r = sh("flamingo encode 'bad-{00000..00001}.tar'", root, env)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip().splitlines()[-1].startswith(f"Error: {problem}"), r.stderr
+
+
+def _tar(path, members):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
 
 
 def test_preset_then_environment_then_flag(world, tmp_path):
