@@ -119,10 +119,13 @@ def test_time_embeddings_interpolated(frames):
     torch.testing.assert_close(t.double(), expected, atol=1e-5, rtol=0)
 
 
-def test_time_embeddings_start_at_zero_and_are_trainable():
-    r = PerceiverResampler(_config())
+def test_time_embeddings_start_standard_normal_and_are_trainable():
+    torch.manual_seed(0)
+    r = PerceiverResampler(_config(max_frames=64, dim=256))
     assert r.time_embs.requires_grad
-    assert torch.equal(r.time_embs, torch.zeros(8, DIM))
+    embs = r.time_embs.detach()
+    assert abs(embs.mean().item()) < 0.02 and abs(embs.std().item() - 1) < 0.02
+    assert torch.cdist(embs, embs).fill_diagonal_(float("inf")).min() > 10  # no two frames alike
     assert PerceiverResampler(_config(max_frames=0)).time_embs is None
 
 
@@ -158,8 +161,11 @@ def test_swapping_frames_without_time_embeddings_is_invariant():
 
 
 def test_swapping_frames_with_zero_time_embeddings_is_invariant():
-    r = _resampler(random_time=False)  # freshly initialised time embeddings are zero
+    r = _resampler()
     x = _features(2, 3, TOKENS, DIM)
+    assert not torch.allclose(r(x[:, [2, 1, 0]]), r(x), atol=1e-3)  # fresh ones already tell the frames apart
+    with torch.no_grad():
+        r.time_embs.zero_()
     torch.testing.assert_close(r(x[:, [2, 1, 0]]), r(x), atol=1e-5, rtol=0)
 
 
