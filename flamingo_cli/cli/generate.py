@@ -5,7 +5,7 @@ import click
 
 from .core import (checkpoint_dir, input_records, model_dtype_option, prefix_cache, prefix_cache_option, setup,
                    shot_options, shot_prompts, stage_options)
-from .placing import placed, placed_run, shard_option
+from .placing import device_map_option, placed, placed_run, shard_option
 
 
 @click.command(short_help="Generate answers for prompt records.")
@@ -18,9 +18,10 @@ from .placing import placed, placed_run, shard_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @model_dtype_option
 @prefix_cache_option
+@device_map_option
 @shard_option
 def generate(input, ckpt, output, device, seed, quiet, shots, k, select, template, num_beams,
-             max_new_tokens, length_penalty, batch_size, dtype, prefix_cache_mib, shard):
+             max_new_tokens, length_penalty, batch_size, dtype, prefix_cache_mib, device_map, shard):
     """Generate open-ended answers: beam search, stopping at <|endofchunk|>.
 
     Reads prompt records (from flamingo prompt) and adds `output`. With --shots, it
@@ -36,7 +37,7 @@ def generate(input, ckpt, output, device, seed, quiet, shots, k, select, templat
     from ..inference.generation import batches, generate_records
     from ..inference.media import load_for_inference
 
-    place = placed(shard)
+    place = placed(shard, device_map)
     quiet = quiet or not place.leader
     setup(seed, quiet)
     units = None
@@ -46,7 +47,8 @@ def generate(input, ckpt, output, device, seed, quiet, shots, k, select, templat
             records = shot_prompts(records, shots, k, select, seed, template, quiet=quiet)
         units = batches(place.records(records), batch_size)
     device = place.device(device)
-    model, media = load_for_inference(checkpoint_dir(ckpt, quiet=quiet), device, dtype=dtype)
+    model, media = load_for_inference(checkpoint_dir(ckpt, quiet=quiet), device, dtype=dtype, device_map=device_map)
+    device = media.device  # the embedding's, under a device map
     cache = prefix_cache(model, prefix_cache_mib)
 
     def work(batch):

@@ -3,6 +3,8 @@ the loop that reads units on the process that writes, while the other ranks work
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 
 import click
 
@@ -24,11 +26,42 @@ shard_option = click.option(
          "same bytes as one process. Under torchrun or srun, the ranks share the input without it.")
 
 
-def placed(shard: str | None):
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _device_map(ctx, param, value):
+    if value is None or value in DEVICE_MAPS:
+        return value
+    try:
+        mapping = json.loads(Path(value).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise click.BadParameter(f"{value}: cannot read it ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise click.BadParameter(f"{value}: not a JSON file ({e})") from None
+    if not isinstance(mapping, dict) or not mapping or not all(
+            isinstance(k, str) and isinstance(v, (int, str)) and not isinstance(v, bool) for k, v in mapping.items()):
+        raise click.BadParameter(f"{value}: a device map is a JSON object of LM module names and devices "
+                                 '(a GPU index, "cuda:1", "cpu", or "disk")')
+    return mapping
+
+
+device_map_option = click.option(
+    "--device-map", metavar="MAP", callback=_device_map,
+    help=f"Spread an LM too large for one device across several, as transformers places it (needs accelerate): "
+         f"{', '.join(DEVICE_MAPS)}, or a JSON file of {{LM module name: device}} (a GPU index, \"cpu\", or \"disk\" "
+         "to offload). Each cross-attention block runs on its LM layer's device; inputs go to the embedding's. "
+         "One process per model: not under torchrun or srun.")
+
+
+def placed(shard: str | None, device_map=None):
     """This process's place in the run (alone, a rank of torchrun/srun, or --shard I/N)."""
     from ..inference.sharding import Shard, placement
 
-    return placement(Shard.parse(shard) if shard else None)
+    place = placement(Shard.parse(shard) if shard else None)
+    if device_map is not None and place.size > 1:
+        raise click.UsageError("--device-map spreads one model over this machine's devices; under torchrun or srun "
+                               "each rank holds a model of its own: run one process, or split the input with --shard")
+    return place
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ import click
 
 from .core import (checkpoint_dir, input_records, model_dtype_option, prefix_cache, prefix_cache_option, setup,
                    stage_options)
-from .placing import placed, placed_run, shard_option
+from .placing import device_map_option, placed, placed_run, shard_option
 
 
 @click.command(short_help="Rank candidate answers by likelihood.")
@@ -19,9 +19,10 @@ from .placing import placed, placed_run, shard_option
               help="(prompt, candidate) pairs per batched forward; records that share their candidates are batched.")
 @model_dtype_option
 @prefix_cache_option
+@device_map_option
 @shard_option
 def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, batch_size, dtype, prefix_cache_mib,
-          shard):
+          device_map, shard):
     """Score close-ended candidates for prompt records.
 
     INPUT is a records file, - for stdin, or webdataset shards (data/{000..009}.tar).
@@ -37,7 +38,7 @@ def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, 
     from ..inference.media import load_for_inference
     from ..inference.scoring import score_groups, score_records
 
-    place = placed(shard)
+    place = placed(shard, device_map)
     quiet = quiet or not place.leader
     setup(seed, quiet)
     fixed = None
@@ -52,7 +53,7 @@ def score(input, ckpt, output, device, seed, quiet, candidates_file, normalize, 
     if place.leader:
         units = score_groups(place.records(input_records(input)), candidates=fixed, batch_size=batch_size)
     device = place.device(device)
-    model, media = load_for_inference(checkpoint_dir(ckpt, quiet=quiet), device, dtype=dtype)
+    model, media = load_for_inference(checkpoint_dir(ckpt, quiet=quiet), device, dtype=dtype, device_map=device_map)
     cache = prefix_cache(model, prefix_cache_mib)
 
     def work(group):

@@ -30,7 +30,7 @@ from ..errors import CheckpointError, ConfigError
 from ..model.config import EncoderConfig, FlamingoConfig, LMConfig
 from ..model.flamingo import Flamingo
 from ..model.vision_encoder import VisionEncoder
-from .artifacts import default_umask, digest_file, signals_deferred, storage_failure
+from .artifacts import cache_dir, default_umask, digest_file, signals_deferred, storage_failure
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -152,8 +152,10 @@ def checkpoint_identity(directory: str | Path) -> str:
     return digest_file(Path(directory) / WEIGHTS_FILE)[:16]
 
 
-def load_lm(config: LMConfig, base: Path | None = None):
-    """The frozen LM and its tokenizer, from a local directory (or a hub id when online)."""
+def load_lm(config: LMConfig, base: Path | None = None, device_map: str | dict | None = None):
+    """The frozen LM and its tokenizer, from a local directory (or a hub id when online).
+    device_map places the LM's modules across devices as transformers does (accelerate):
+    "auto", "balanced", "sequential", or {module name: device, "cpu" or "disk"}."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not config.path:
@@ -169,11 +171,31 @@ def load_lm(config: LMConfig, base: Path | None = None):
         tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision)
     except Exception as e:
         raise CheckpointError(f"LM {path}: {where}cannot load its tokenizer ({_first_line(e)})") from None
+    placement = _placement(device_map)
     try:
-        lm = AutoModelForCausalLM.from_pretrained(path, revision=config.revision, dtype=DTYPES[config.dtype])
+        lm = AutoModelForCausalLM.from_pretrained(path, revision=config.revision, dtype=DTYPES[config.dtype],
+                                                  **placement)
     except Exception as e:
         raise CheckpointError(f"LM {path}: {where}cannot load the model ({_first_line(e)})") from None
     return lm, tokenizer
+
+
+def _placement(device_map: str | dict | None) -> dict:
+    """from_pretrained's arguments for a device map, with a folder of this process's own for
+    what it offloads to disk (removed at exit)."""
+    if device_map is None:
+        return {}
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise ConfigError("a device map needs accelerate, which transformers places the LM with: "
+                          "pip install accelerate") from None
+    import atexit
+
+    (cache_dir() / "offload").mkdir(parents=True, exist_ok=True)
+    folder = tempfile.mkdtemp(dir=cache_dir() / "offload")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return {"device_map": device_map, "offload_folder": folder}
 
 
 def _first_line(e: Exception) -> str:
@@ -183,22 +205,25 @@ def _first_line(e: Exception) -> str:
 
 
 def build_model(config: FlamingoConfig, base: Path | None = None, *, with_encoder: bool = True,
-                initialise: bool = True) -> Flamingo:
+                initialise: bool = True, device_map: str | dict | None = None) -> Flamingo:
     """A Flamingo with freshly initialised trainable parts around the LM and encoder config names.
     initialise=False leaves the trainable parts' memory as allocated, for a checkpoint to fill:
-    drawing a large model's new weights only to overwrite them costs seconds at every start."""
+    drawing a large model's new weights only to overwrite them costs seconds at every start.
+    With a device_map (see load_lm) the blocks follow the LM's layers onto their devices."""
     encoder = load_encoder(config.encoder, base) if with_encoder else None
     if encoder is not None and encoder.dim != config.resampler.dim:
         raise CheckpointError(
             f"encoder {config.encoder.name} gives {encoder.dim}-wide features but resampler.dim is {config.resampler.dim}"
         )
-    lm, tokenizer = load_lm(config.lm, base)
+    lm, tokenizer = load_lm(config.lm, base, device_map)
     overrides = read_lm_overrides(base) if base is not None else {}
     apply_lm_overrides(lm, overrides, str(Path(base or ".") / LM_OVERRIDES_FILE))
     from transformers.initialization import no_init_weights
 
     with contextlib.nullcontext() if initialise else no_init_weights():
         model = Flamingo(config, lm, tokenizer, encoder)
+    if device_map is not None:
+        model.follow_lm_devices()
     model.lm_overrides = overrides
     return model
 
@@ -220,6 +245,9 @@ def apply_lm_overrides(lm: torch.nn.Module, overrides: dict[str, torch.Tensor], 
         problems.append("not weights of this LM: " + listing(unknown))
     if shapes:
         problems.append("wrong shape " + listing(shapes))
+    offloaded = sorted(k for k in overrides if own[k].device.type == "meta")
+    if offloaded:
+        problems.append("offloaded to disk by the device map, so they cannot be replaced " + listing(offloaded))
     if problems:
         raise CheckpointError(f"{source}: " + "; ".join(problems))
     with torch.no_grad():
@@ -247,15 +275,17 @@ def read_config(directory: str | Path) -> FlamingoConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def load_checkpoint(directory: str | Path, *, with_encoder: bool = True, lm_dtype: str | None = None) -> Flamingo:
+def load_checkpoint(directory: str | Path, *, with_encoder: bool = True, lm_dtype: str | None = None,
+                    device_map: str | dict | None = None) -> Flamingo:
     """Load a checkpoint directory. Names and shapes are checked strictly: anything missing,
     unexpected or mis-shaped is reported in one CheckpointError. lm_dtype replaces the config's
-    lm.dtype: the LM's weights are loaded in it."""
+    lm.dtype: the LM's weights are loaded in it. device_map: see load_lm."""
     directory = Path(directory)
     config = read_config(directory)
     if lm_dtype is not None:
         config = dataclasses.replace(config, lm=dataclasses.replace(config.lm, dtype=lm_dtype))
-    model = build_model(config, directory, with_encoder=with_encoder, initialise=False)  # every tensor is loaded
+    model = build_model(config, directory, with_encoder=with_encoder, initialise=False,  # every tensor is loaded
+                        device_map=device_map)
     model.source_dir = directory
     model.encoder_id = encoder_identity(config.encoder, directory)
     weights = directory / WEIGHTS_FILE

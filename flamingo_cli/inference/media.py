@@ -187,18 +187,26 @@ class MediaResolver:
         return tokens
 
 
-def load_for_inference(directory: str | Path, device: str = "cpu", dtype: str | None = None):
+def load_for_inference(directory: str | Path, device: str = "cpu", dtype: str | None = None,
+                       device_map: str | dict | None = None):
     """A checkpoint as the stages use it: (model in eval mode, MediaResolver). The encoder is
     loaded only when a media entry is an image or video path rather than features or visual
     tokens; a video path is sampled as evaluation samples (30 frames at 3 FPS, centred).
 
     dtype (float32, bfloat16, float16) holds the whole model in it: the LM's weights are loaded
     in it, the new parts cast once, so no call re-casts weights (as autocast does each call). The
-    encoder stays float32, as `encode` runs it, so features match those encode writes."""
+    encoder stays float32, as `encode` runs it, so features match those encode writes.
+
+    device_map spreads an LM too large for one device across several (see
+    formats.checkpoint.load_lm); `device` is then the input embedding's, where inputs go."""
     from ..formats.checkpoint import DTYPES, load_checkpoint, load_checkpoint_encoder
 
-    model = load_checkpoint(directory, with_encoder=False, lm_dtype=dtype)
-    if dtype is not None:
-        model = model.to(DTYPES[dtype])
-    model = model.to(device).eval()
+    model = load_checkpoint(directory, with_encoder=False, lm_dtype=dtype, device_map=device_map)
+    if device_map is None:
+        model = model.to(device) if dtype is None else model.to(device, DTYPES[dtype])
+    else:  # accelerate placed the LM: only the new parts are cast, where they already are
+        for part in (model.resampler, model.xattn, model.new_tokens):
+            part.to(DTYPES[dtype or "float32"])
+        device = str(model.input_device)
+    model.eval()
     return model, MediaResolver(model, load_encoder=lambda: load_checkpoint_encoder(directory)[0], device=device)

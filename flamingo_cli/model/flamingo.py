@@ -120,9 +120,12 @@ class Flamingo(nn.Module):
             ctx = self._context()
             block = self.xattn[i]
             dtype = block.ff_gate.dtype
+            device = block.ff_gate.device  # its layer's, when a device map spreads the LM
             visual, phi, rows, kv = None, None, None, None
             if ctx is not None and ctx.visual is not None:
-                visual, phi, rows, kv = ctx.visual.to(dtype), ctx.chunk_phi, ctx.rows, ctx.kv
+                visual, phi, kv = ctx.visual.to(device, dtype), ctx.chunk_phi.to(device), ctx.kv
+                rows = None if ctx.rows is None else ctx.rows.to(device)
+            y = y.to(device)
             if self.activation_checkpointing and torch.is_grad_enabled():
                 # Explicit inputs: the recomputation in backward runs outside this call's media context.
                 # No K/V cache: the recomputation must redo exactly what the forward did.
@@ -144,6 +147,21 @@ class Flamingo(nn.Module):
             elif not enabled:
                 layer.__dict__.pop("forward", None)
         self.activation_checkpointing = enabled
+
+    def follow_lm_devices(self) -> None:
+        """After transformers placed the LM across devices (a device map): each block moves to its
+        decoder layer's device, and the resampler and new token rows to the input embedding's.
+        Media and hidden states then move to a block as it runs (a no-op on one device)."""
+        layers = decoder_layers(self.lm)
+        for i, block in self.xattn.items():
+            block.to(_execution_device(layers[int(i)], self.input_device))
+        self.resampler.to(self.input_device)
+        self.new_tokens.to(self.input_device)
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where input ids go: the input embedding's device (its execution device when offloaded)."""
+        return _execution_device(self.lm.get_input_embeddings(), torch.device("cpu"))
 
     @property
     def context_length(self) -> int | None:
@@ -263,6 +281,17 @@ class Flamingo(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for prefix in ("resampler", "xattn", "new_tokens") for p in getattr(self, prefix).parameters()]
+
+
+def _execution_device(module: nn.Module, default: torch.device) -> torch.device:
+    """Where a module runs: accelerate's hook says so for a placed or offloaded module (whose
+    weights may wait on the meta device); otherwise where its weights are."""
+    for part in module.modules():
+        device = getattr(getattr(part, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    weights = next((p for p in module.parameters() if p.device.type != "meta"), None)
+    return default if weights is None else weights.device
 
 
 def _checkpointed(forward, *args, **kwargs):

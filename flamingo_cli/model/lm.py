@@ -100,8 +100,9 @@ class EmbeddingWithNewRows(nn.Module):
         offset = ids - r.first_id
         is_new = (offset >= 0) & (offset < r.count)
         out = self.base(torch.where(is_new, 0, ids).clamp(max=self.base.num_embeddings - 1))
+        offset, is_new = offset.to(out.device), is_new.to(out.device)  # a device map's hook may move ids
         if is_new.any():
-            new = r.input.to(out.dtype)[offset.clamp(0, r.count - 1)]
+            new = r.input.to(out.device, out.dtype)[offset.clamp(0, r.count - 1)]
             out = torch.where(is_new.unsqueeze(-1), new, out)
         return out
 
@@ -124,11 +125,12 @@ class HeadWithNewRows(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         r = self.rows
         logits = self.base(h)
+        h = h.to(logits.device)  # the head's, under a device map
         vocab, end = logits.shape[-1], r.first_id + r.count
         parts = [logits[..., : min(r.first_id, vocab)]]
         if r.first_id > vocab:  # tokenizer ids with no LM row (e.g. a pad the LM never saw): never predicted
             parts.append(logits.new_full((*logits.shape[:-1], r.first_id - vocab), torch.finfo(logits.dtype).min))
-        parts.append((h @ r.output_rows.to(h.dtype).T).to(logits.dtype))
+        parts.append((h @ r.output_rows.to(h.device, h.dtype).T).to(logits.dtype))
         parts.append(logits[..., end:self.vocab_size])
         return torch.cat(parts, dim=-1)
 
