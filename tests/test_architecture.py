@@ -38,7 +38,7 @@ CHEAP_TO_IMPORT = "load no heavy library when imported (module-level imports, fo
 PACKAGE_RULES = {
     ONLY_CLI_IMPORTS_CLICK: {"cli"},
     NEVER_TORCH: {"errors", "formats.presets", "evaluation"},
-    NO_HEAVY_AT_IMPORT: {"flamingo_cli", "errors", "tiny", "formats.artifacts", "formats.records", "formats.shards",
+    NO_HEAVY_AT_IMPORT: {"flamingo_cli", "errors", "tiny", "formats.artifacts", "formats.records", "formats.shards", "formats.hub",
                          "formats.presets", "evaluation", "cli"},
     CHEAP_TO_IMPORT: {"flamingo_cli", "cli"},
 }

@@ -190,8 +190,12 @@ def stage_options(*, ckpt: bool = True):
             click.option("-q", "--quiet", is_flag=True, help="No progress bars (also TQDM_DISABLE=1)."),
         ]
         if ckpt:
-            options.insert(1, click.option("--ckpt", envvar="FLAMINGO_CKPT", type=click.Path(),
-                                           help="Checkpoint directory (also FLAMINGO_CKPT)."))
+            options[1:1] = [
+                click.option("--ckpt", envvar="FLAMINGO_CKPT", type=click.Path(),
+                             help="Checkpoint directory, or a hub repo id holding one (also FLAMINGO_CKPT)."),
+                click.option("--revision", envvar="FLAMINGO_REVISION", expose_value=False, callback=_keep_revision,
+                             help="With --ckpt a hub repo id: its branch, tag or commit (default: main)."),
+            ]
         for option in reversed(options):
             f = option(f)
         return f
@@ -305,11 +309,18 @@ def peeked(items: Iterator) -> Iterator | None:
     return None if first is None else itertools.chain([first], items)
 
 
+def _keep_revision(ctx: click.Context, param, value):
+    ctx.meta["flamingo.revision"] = value
+
+
 def checkpoint_dir(ckpt: str | None, *, bundled: bool = True, quiet: bool = False) -> str:
-    """--ckpt, else FLAMINGO_CKPT, else the bundled toy model (said on stderr unless quiet: it
-    knows only its world)."""
+    """--ckpt (a directory, or a hub repo id at --revision: its snapshot in the hub cache), else
+    FLAMINGO_CKPT, else the bundled toy model (said on stderr unless quiet: it knows only its world)."""
     if ckpt:
-        return ckpt
+        from ..formats.checkpoint import checkpoint_path
+
+        ctx = click.get_current_context(silent=True)
+        return str(checkpoint_path(ckpt, ctx.meta.get("flamingo.revision") if ctx else None))
     if not bundled:
         raise click.UsageError("no checkpoint: pass --ckpt DIR or set FLAMINGO_CKPT")
     from ..formats.checkpoint import BUNDLED_CHECKPOINT

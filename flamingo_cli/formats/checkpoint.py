@@ -31,6 +31,7 @@ from ..model.config import EncoderConfig, FlamingoConfig, LMConfig
 from ..model.flamingo import Flamingo
 from ..model.vision_encoder import VisionEncoder
 from .artifacts import cache_dir, default_umask, digest_file, signals_deferred, storage_failure
+from .hub import is_hub_id, snapshot
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -40,8 +41,6 @@ LM_OVERRIDES_FILE = "lm_overrides.safetensors"
 # The default model: trained by examples/toy on its shapes world, shipped as package data.
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[1] / "default_model"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# What the hub accepts as a model id (namespace/name or name); anything else must be a local directory.
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def _resolve(path: str, base: Path | None) -> str:
@@ -153,7 +152,7 @@ def checkpoint_identity(directory: str | Path) -> str:
 
 
 def load_lm(config: LMConfig, base: Path | None = None, device_map: str | dict | None = None):
-    """The frozen LM and its tokenizer, from a local directory (or a hub id when online).
+    """The frozen LM and its tokenizer, from a local directory or a hub repo id (at lm.revision).
     device_map places the LM's modules across devices as transformers does (accelerate):
     "auto", "balanced", "sequential", or {module name: device, "cpu" or "disk"}."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -161,22 +160,21 @@ def load_lm(config: LMConfig, base: Path | None = None, device_map: str | dict |
     if not config.path:
         raise ConfigError("lm.path is empty: give a local LM directory or a hub id")
     path = _resolve(config.path, base)
-    local = Path(path).is_dir()
-    if not local and (Path(path).exists() or not HUB_ID.fullmatch(path)):
+    if is_hub_id(path):  # its snapshot in the hub cache, fetched when online
+        path = str(snapshot(path, config.revision, required=("config.json",), what="LM "))
+    elif not Path(path).is_dir():
         raise CheckpointError(f"LM {path}: {'not a directory' if Path(path).exists() else 'no such directory'}")
-    where = "" if local else "no such directory, and as a hub id: "
     # transformers raises whatever its parts raise (OSError, ValueError, huggingface_hub's
     # validation errors for a malformed config.json, ...): all of it is a bad LM directory.
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:
-        raise CheckpointError(f"LM {path}: {where}cannot load its tokenizer ({_first_line(e)})") from None
+        raise CheckpointError(f"LM {path}: cannot load its tokenizer ({_first_line(e)})") from None
     placement = _placement(device_map)
     try:
-        lm = AutoModelForCausalLM.from_pretrained(path, revision=config.revision, dtype=DTYPES[config.dtype],
-                                                  **placement)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[config.dtype], **placement)
     except Exception as e:
-        raise CheckpointError(f"LM {path}: {where}cannot load the model ({_first_line(e)})") from None
+        raise CheckpointError(f"LM {path}: cannot load the model ({_first_line(e)})") from None
     return lm, tokenizer
 
 
@@ -275,12 +273,17 @@ def read_config(directory: str | Path) -> FlamingoConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
+def checkpoint_path(name: str | Path, revision: str | None = None) -> Path:
+    """A checkpoint directory, or a hub repo holding one (at revision): its local snapshot."""
+    return snapshot(str(name), revision, required=(CONFIG_FILE,)) if is_hub_id(str(name)) else Path(name)
+
+
 def load_checkpoint(directory: str | Path, *, with_encoder: bool = True, lm_dtype: str | None = None,
-                    device_map: str | dict | None = None) -> Flamingo:
-    """Load a checkpoint directory. Names and shapes are checked strictly: anything missing,
-    unexpected or mis-shaped is reported in one CheckpointError. lm_dtype replaces the config's
-    lm.dtype: the LM's weights are loaded in it. device_map: see load_lm."""
-    directory = Path(directory)
+                    device_map: str | dict | None = None, revision: str | None = None) -> Flamingo:
+    """Load a checkpoint directory (or hub repo id, at revision). Names and shapes are checked
+    strictly: anything missing, unexpected or mis-shaped is one CheckpointError. lm_dtype
+    replaces the config's lm.dtype: the LM's weights are loaded in it. device_map: see load_lm."""
+    directory = checkpoint_path(directory, revision)
     config = read_config(directory)
     if lm_dtype is not None:
         config = dataclasses.replace(config, lm=dataclasses.replace(config.lm, dtype=lm_dtype))
@@ -299,9 +302,9 @@ def load_checkpoint(directory: str | Path, *, with_encoder: bool = True, lm_dtyp
     return model
 
 
-def load_checkpoint_encoder(directory: str | Path) -> tuple[VisionEncoder, str]:
+def load_checkpoint_encoder(directory: str | Path, revision: str | None = None) -> tuple[VisionEncoder, str]:
     """Only the frozen encoder of a checkpoint, with its identity: all `flamingo encode` needs."""
-    directory = Path(directory)
+    directory = checkpoint_path(directory, revision)
     config = read_config(directory)
     return load_encoder(config.encoder, directory), encoder_identity(config.encoder, directory)
 
