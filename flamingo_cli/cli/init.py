@@ -28,7 +28,9 @@ def choose_encoder_weights(encoder, random: bool) -> None:
 @click.command(short_help="Create an untrained checkpoint.")
 @click.option("-c", "--config", "config_path",
               help="A FlamingoConfig preset: NAME (stages/init/NAME.yaml, e.g. tiny, openflamingo-3b) or YAML FILE.")
-@click.option("--lm", help="The frozen causal LM: a local directory (or a hub id when online).")
+@click.option("--lm", help="The frozen causal LM: a local directory, or a hub repo id (fetched into the hub cache; "
+              "offline, read from it).")
+@click.option("--lm-revision", help="With --lm a hub repo id: its branch, tag or commit (default: main).")
 @click.option("--lm-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="dtype the frozen LM is held in.")
 @click.option("--encoder", help="The frozen vision encoder: a timm model name, or a directory written by "
               "flamingo contrastive.")
@@ -44,7 +46,7 @@ def choose_encoder_weights(encoder, random: bool) -> None:
 @click.option("--embed", is_flag=True, default=None, help="Copy the LM and encoder weights into the checkpoint.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the new weights.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory to write.")
-def init(config_path, lm, lm_dtype, encoder, encoder_weights, random_encoder, every, placement, latents, embed,
+def init(config_path, lm, lm_revision, lm_dtype, encoder, encoder_weights, random_encoder, every, placement, latents, embed,
          seed, out):
     """Create an untrained checkpoint around a frozen LM and vision encoder.
 
@@ -56,7 +58,8 @@ def init(config_path, lm, lm_dtype, encoder, encoder_weights, random_encoder, ev
 
     quiet_libraries()
     config = init_config(config_path)
-    for value, section, field in [(lm, config.lm, "path"), (lm_dtype, config.lm, "dtype"),
+    for value, section, field in [(lm, config.lm, "path"), (lm_revision, config.lm, "revision"),
+                                  (lm_dtype, config.lm, "dtype"),
                                   (every, config.xattn, "every"), (placement, config.xattn, "placement"),
                                   (latents, config.resampler, "num_latents")]:
         if value is not None:

@@ -90,3 +90,16 @@ def test_an_lm_repo_missing_from_the_cache_is_named(hub, tmp_path):
     assert r.returncode != 0 and len(r.stderr.splitlines()) == 1, r.stderr
     assert "LM toy/other-lm: no such directory; as a hub repo, config.json is not in the hub cache" in r.stderr
     assert "`hf download toy/other-lm`" in r.stderr
+
+
+def test_init_names_its_lm_by_repo_id_and_the_checkpoint_loads_it_from_the_cache(hub, tmp_path):
+    cache, work = hub
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    for name, lm in (("by-id", "toy/lm"), ("by-dir", str(BUNDLED_CHECKPOINT / "lm"))):
+        r = subprocess.run([FLAMINGO, "init", "-c", "tiny", "--lm", lm, "--random-encoder", "-o", str(tmp_path / name)],
+                           capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr
+    assert yaml.safe_load((tmp_path / "by-id" / "config.yaml").read_text())["lm"]["path"] == "toy/lm"
+    by_id, by_dir = (score(hub, "--ckpt", str(tmp_path / name)) for name in ("by-id", "by-dir"))
+    assert by_id.returncode == 0, by_id.stderr
+    assert by_id.stdout == by_dir.stdout and by_id.stdout.count("\n") == 2
