@@ -3,7 +3,11 @@
 The names a Python user starts from, importable from here; each loads its module (and torch)
 only when first used, so `import flamingo_cli` stays cheap:
 
-    from flamingo_cli import load_checkpoint, load_for_inference, generate_records
+    from flamingo_cli import load
+    flamingo = load()                                   # a directory, a hub repo id, or the bundled model
+    flamingo.caption("cat.png", shots=[("dog.png", "a dog")])
+
+    from flamingo_cli import load_checkpoint, load_for_inference, generate_records   # what the stages call
 
 The layers (model, formats, inference, training, evaluation, importers, cli) are described
 in ARCHITECTURE.md.
@@ -14,6 +18,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "FlamingoError": "errors",
+    "load": "inference.pipeline",
+    "Pipeline": "inference.pipeline",
     "Flamingo": "model.flamingo",
     "FlamingoConfig": "model.config",
     "load_checkpoint": "formats.checkpoint",

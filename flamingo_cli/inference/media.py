@@ -135,22 +135,41 @@ class MediaResolver:
         self.device = device
         self.memo: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.memo_size = memo
+        self.inline: dict[str, torch.Tensor] = {}  # in-memory images by entry, until forgotten
         self._encoder = model.encoder
         self._transform = None
 
     def _encode(self, path: str) -> torch.Tensor:
-        if self._encoder is None:
-            if self.load_encoder is None:
-                raise ArtifactError(f"{path}: a media path needs the vision encoder, which is not loaded")
-            self._encoder = self.load_encoder().to(self.device)
-        if self._transform is None:
-            self._transform = self._encoder.transform()
         if is_video_file(path):
             frames, _ = read_video(path, self.sampling)
         else:
             frames = [read_image(path)]
+        return self._features(frames, path)
+
+    def _features(self, frames: list, what: str) -> torch.Tensor:
+        """PIL frames (one for an image) -> features (f, n, d), the encoder loaded on first use."""
+        if self._encoder is None:
+            if self.load_encoder is None:
+                raise ArtifactError(f"{what}: media to encode need the vision encoder, which is not loaded")
+            self._encoder = self.load_encoder().to(self.device)
+        if self._transform is None:
+            self._transform = self._encoder.transform()
+        frames = [f if f.mode == "RGB" else f.convert("RGB") for f in frames]
         pixels = torch.stack([self._transform(frame) for frame in frames]).to(self.device)
-        return self._encoder(pixels.unsqueeze(0))[0]  # (f, n, d)
+        return self._encoder(pixels.unsqueeze(0))[0]
+
+    def add_inline(self, image) -> str:
+        """A PIL image in memory as a media entry (named by its pixels), its visual tokens computed
+        now and kept in `inline` until forget_inline; prompts then name it like any other entry."""
+        entry = "inline:" + digest_bytes(f"{image.mode}{image.size}".encode() + image.tobytes())[:32]
+        if entry not in self.inline:
+            with torch.no_grad():
+                self.inline[entry] = self.model.resample(self._features([image], entry).unsqueeze(0))[0]
+        return entry
+
+    def forget_inline(self, entries) -> None:
+        for entry in entries:
+            self.inline.pop(entry, None)
 
     def visuals(self, entries: list[str]) -> torch.Tensor:
         """A prompt's media entries -> (m, latents, d); m may be 0."""
@@ -160,6 +179,8 @@ class MediaResolver:
         return torch.stack([self.visual(e) for e in entries])
 
     def visual(self, entry: str) -> torch.Tensor:
+        if entry in self.inline:
+            return self.inline[entry]
         if entry in self.memo:
             self.memo.move_to_end(entry)
             return self.memo[entry]
