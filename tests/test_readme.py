@@ -9,13 +9,14 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 BIN = Path(sys.executable).parent
 
 
-def test_hub_downloads_use_the_hf_command_huggingface_hub_ships():
-    """huggingface-cli is gone from current huggingface_hub; `hf download` is its successor."""
+def test_hub_commands_are_the_hf_command_huggingface_hub_ships():
+    """huggingface-cli is gone from current huggingface_hub; `hf download` and `hf upload` succeed it."""
     assert "huggingface-cli" not in README
     lines = re.findall(r"^hf (\w+) ", README, flags=re.M)
-    assert lines and set(lines) == {"download"}
-    r = subprocess.run([str(BIN / "hf"), "download", "--help"], capture_output=True, text=True)
-    assert r.returncode == 0 and "--local-dir" in r.stdout
+    assert lines and set(lines) == {"download", "upload"}
+    for command, option in (("download", "--local-dir"), ("upload", "--repo-type")):
+        r = subprocess.run([str(BIN / "hf"), command, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and option in r.stdout, command
 
 
 def test_the_readmes_python_runs_as_written(tmp_path, monkeypatch):
