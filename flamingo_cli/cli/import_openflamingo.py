@@ -1,6 +1,8 @@
 """`flamingo import openflamingo`: an OpenFlamingo checkpoint into a checkpoint directory."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from .core import init_config, quiet_libraries
@@ -8,10 +10,11 @@ from .core import init_config, quiet_libraries
 
 @click.command(name="openflamingo", short_help="Import an OpenFlamingo checkpoint, strictly.")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--revision", help="With CHECKPOINT a hub repo id: its branch, tag or commit (default: main).")
 @click.option("-c", "--config", "config_path",
               help="A preset (openflamingo-3b, openflamingo-4b, openflamingo-9b) or YAML file. It names the LM and "
-              "encoder, and the import fails if the checkpoint contradicts it. Default: the architecture is read "
-              "from the checkpoint, and --lm is required.")
+              "encoder, and the import fails if the checkpoint contradicts it. Default: a released repo's own "
+              "preset; for a file, the architecture is read from it, and --lm is required.")
 @click.option("--lm", help="The LM the checkpoint was trained with: a local directory (or a hub id when online).")
 @click.option("--lm-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="dtype the frozen LM is held in.")
 @click.option("--encoder", help="The CLIP tower the checkpoint was trained with, as a timm name (e.g. "
@@ -26,9 +29,12 @@ from .core import init_config, quiet_libraries
               "them all), use the file's, as OpenFlamingo does; they are stored in the checkpoint. Default: an error.")
 @click.option("--embed", is_flag=True, help="Copy the LM and encoder weights into the checkpoint.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory to write.")
-def import_openflamingo(checkpoint, config_path, lm, lm_dtype, encoder, encoder_weights, take_lm_rows, embed, out):
+def import_openflamingo(checkpoint, revision, config_path, lm, lm_dtype, encoder, encoder_weights, take_lm_rows, embed,
+                        out):
     """Import CHECKPOINT, a file written by OpenFlamingo's training (checkpoint_*.pt) or a
     released OpenFlamingo checkpoint.pt, into a checkpoint directory that every stage reads.
+    CHECKPOINT may be a hub repo id (openflamingo/OpenFlamingo-9B-vitl-mpt7b): its checkpoint.pt
+    is fetched, and a released repo brings its preset, whose LM and CLIP weights are fetched too.
 
     The file is loaded with torch.load(weights_only=True): tensors only, never code. Every
     tensor in it must be either imported (perceiver, gated cross-attention, the new tokens'
@@ -36,10 +42,17 @@ def import_openflamingo(checkpoint, config_path, lm, lm_dtype, encoder, encoder_
     missing, unknown, mis-shaped or different is an error that names it.
     """
     from ..formats.checkpoint import save_checkpoint
-    from ..importers.openflamingo import import_openflamingo as run_import
+    from ..formats.hub import is_hub_id, snapshot
     from ..importers.clip_towers import openflamingo_encoder
+    from ..importers.openflamingo import CHECKPOINT_FILE, RELEASED
+    from ..importers.openflamingo import import_openflamingo as run_import
 
     quiet_libraries()
+    if is_hub_id(checkpoint) and not Path(checkpoint).suffix:  # owner/name, not a missing checkpoint.pt
+        repo = checkpoint
+        config_path = config_path or RELEASED.get(repo)
+        checkpoint = str(snapshot(repo, revision, required=(CHECKPOINT_FILE,), patterns=[CHECKPOINT_FILE])
+                         / CHECKPOINT_FILE)
     config = init_config(config_path or "openflamingo-9b")
     if lm is not None:
         config.lm.path = lm

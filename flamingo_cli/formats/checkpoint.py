@@ -31,7 +31,7 @@ from ..model.config import EncoderConfig, FlamingoConfig, LMConfig
 from ..model.flamingo import Flamingo
 from ..model.vision_encoder import VisionEncoder
 from .artifacts import cache_dir, default_umask, digest_file, signals_deferred, storage_failure
-from .hub import is_hub_id, snapshot
+from .hub import is_hub_id, pretrained_weights_hint, snapshot
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -106,8 +106,7 @@ def load_encoder(config: EncoderConfig, base: Path | None = None) -> VisionEncod
     try:
         model = timm.create_model(config.name, pretrained=pretrained, **config.kwargs)
     except Exception as e:
-        hint = (" (timm downloads pretrained weights; offline, give a local file with --encoder-weights, or "
-                "encoder.weights in a preset)") if pretrained else ""
+        hint = f" ({pretrained_weights_hint(config.name)})" if pretrained else ""
         raise ConfigError(f"encoder {config.name!r}: {str(e).splitlines()[0]}{hint}") from None
     if config.weights:
         path = _resolve(config.weights, base)

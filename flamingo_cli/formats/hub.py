@@ -54,3 +54,15 @@ def snapshot(repo: str, revision: str | None = None, *, required: tuple[str, ...
         raise CheckpointError(f"{at}: the hub repo has no {name}") from None
     except (HfHubHTTPError, OSError) as e:
         raise CheckpointError(f"{at}: cannot download it from the hub ({str(e).splitlines()[0]})") from None
+
+
+def pretrained_weights_hint(timm_name: str) -> str:
+    """Where a timm encoder's pretrained weights come from, and how to have them offline."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    repo = getattr(cfg, "hf_hub_id", None)
+    local = "or give a local file with --encoder-weights, or encoder.weights in a preset"
+    if not repo:
+        return f"timm downloads its pretrained weights; offline, {local}"
+    return f"its pretrained weights are the hub repo {repo}: `{fetch_command(repo)}` puts them in the hub cache, {local}"

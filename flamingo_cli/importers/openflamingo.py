@@ -34,6 +34,16 @@ XATTN_KEY = re.compile(
 PERCEIVER_LAYER_KEY = re.compile(r"^perceiver\.layers\.(\d+)\.")
 # Heads of OpenFlamingo's perceiver and cross-attention: fixed in its code, not visible in shapes.
 HEADS, DIM_HEAD = 8, 64
+# The released checkpoints (each repo's checkpoint.pt) and the preset that describes each. The 3B
+# ones name MosaicGPT, which no transformers class implements: their import fails at the LM, saying so.
+RELEASED = {
+    "openflamingo/OpenFlamingo-3B-vitl-mpt1b": "openflamingo-3b",
+    "openflamingo/OpenFlamingo-3B-vitl-mpt1b-langinstruct": "openflamingo-3b",
+    "openflamingo/OpenFlamingo-4B-vitl-rpj3b": "openflamingo-4b",
+    "openflamingo/OpenFlamingo-4B-vitl-rpj3b-langinstruct": "openflamingo-4b",
+    "openflamingo/OpenFlamingo-9B-vitl-mpt7b": "openflamingo-9b",
+}
+CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def unwrap(state: dict, source: str) -> dict[str, torch.Tensor]:

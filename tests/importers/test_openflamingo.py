@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -368,3 +369,49 @@ def test_import_encoder_option_replaces_the_presets_encoder():
                                  "-o", "never"])
     assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
     assert r.output.startswith("Error: encoder 'vit_base_patch32_clip_224.openai': ") and "--encoder-weights" in r.output
+
+
+# -- by hub repo id -------------------------------------------------------------------------------
+
+def _hub_repo(cache: Path, repo: str, files: dict[str, Path]) -> None:
+    """A repo in the layout huggingface_hub reads offline (refs/main -> snapshots/COMMIT/)."""
+    root, commit = cache / f"models--{repo.replace('/', '--')}", "f" * 40
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    for name, source in files.items():
+        target = root / "snapshots" / commit / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
+
+
+def test_import_by_repo_id_fetches_the_checkpoint_and_its_lm_from_the_hub_cache(tmp_path):
+    cache = tmp_path / "hub"
+    _hub_repo(cache, "someone/tiny-openflamingo", {"checkpoint.pt": GOLDEN / "llama" / "checkpoint.pt"})
+    _hub_repo(cache, "someone/tiny-llama", {".": GOLDEN / "llama" / "lm"})
+    by_file, r = import_cmd(tmp_path, "llama")
+    assert r.returncode == 0, r.stderr
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "TQDM_DISABLE": "1"}
+    by_id = subprocess.run([*FLAMINGO, "import", "openflamingo", "someone/tiny-openflamingo", "--lm", "someone/tiny-llama",
+                            "--encoder-weights", str(GOLDEN / "clip.pt"), "-c", str(preset_file(tmp_path, 2)),
+                            "-o", str(tmp_path / "by-id")], capture_output=True, text=True, env=env)
+    assert by_id.returncode == 0, by_id.stderr
+    assert "92 tensors imported" in by_id.stderr
+    assert (tmp_path / "by-id" / "model.safetensors").read_bytes() == (by_file / "model.safetensors").read_bytes()
+
+
+def test_a_released_repo_brings_its_preset_and_offline_names_what_to_fetch(tmp_path):
+    repo = "openflamingo/OpenFlamingo-9B-vitl-mpt7b"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    run = lambda: subprocess.run([*FLAMINGO, "import", "openflamingo", repo, "-o", str(tmp_path / "x")],  # noqa: E731
+                                 capture_output=True, text=True, env=env)
+    r = run()
+    assert r.returncode != 0 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert f"{repo}: no such directory; as a hub repo, checkpoint.pt is not in the hub cache" in r.stderr
+    assert f"`hf download {repo}`" in r.stderr
+    # With its checkpoint.pt cached, the repo's preset (openflamingo-9b: no --lm needed) names
+    # OpenAI's CLIP ViT-L/14 from timm, whose weights are a hub repo too.
+    _hub_repo(tmp_path / "hub", repo, {"checkpoint.pt": GOLDEN / "llama" / "checkpoint.pt"})
+    r = run()
+    assert r.returncode != 0 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "encoder 'vit_large_patch14_clip_224.openai'" in r.stderr
+    assert "`hf download timm/vit_large_patch14_clip_224.openai`" in r.stderr and not (tmp_path / "x").exists()
