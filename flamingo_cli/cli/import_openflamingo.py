@@ -22,7 +22,8 @@ from .core import init_config, quiet_libraries
               "and preprocessing is set to OpenFlamingo's where timm's differs (said on stderr). Default: the "
               "preset's, vit_large_patch14_clip_224.openai.")
 @click.option("--encoder-weights", type=click.Path(dir_okay=False),
-              help="The encoder's weights, in timm's or open_clip's layout (e.g. open_clip_pytorch_model.bin). "
+              help="The encoder's weights, in timm's or open_clip's layout (e.g. open_clip_pytorch_model.bin): a "
+              "file, or a hub repo id holding one. "
               "Default: timm's pretrained weights for the encoder's name, downloaded.")
 @click.option("--take-lm-rows", is_flag=True,
               help="Where the file's embedding rows of the LM's own tokens differ from the LM's (a run that trained "

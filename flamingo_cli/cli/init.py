@@ -34,7 +34,8 @@ def choose_encoder_weights(encoder, random: bool) -> None:
 @click.option("--lm-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="dtype the frozen LM is held in.")
 @click.option("--encoder", help="The frozen vision encoder: a timm model name, or a directory written by "
               "flamingo contrastive.")
-@click.option("--encoder-weights", type=click.Path(dir_okay=False), help="Local weights file for the encoder.")
+@click.option("--encoder-weights", type=click.Path(dir_okay=False),
+              help="The encoder's weights: a local file, or a hub repo id holding them (timm's or open_clip's).")
 @click.option("--random-encoder", is_flag=True,
               help="Draw the encoder's weights at random (tests, toy runs), recorded in the checkpoint. Otherwise "
               "the encoder needs --encoder-weights, a pretrained tag (NAME.TAG, downloaded when online) or a "

@@ -31,7 +31,7 @@ from ..model.config import EncoderConfig, FlamingoConfig, LMConfig
 from ..model.flamingo import Flamingo
 from ..model.vision_encoder import VisionEncoder
 from .artifacts import cache_dir, default_umask, digest_file, signals_deferred, storage_failure
-from .hub import is_hub_id, pretrained_weights_hint, snapshot
+from .hub import is_hub_id, pretrained_weights_hint, snapshot, weights_file
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -110,6 +110,7 @@ def load_encoder(config: EncoderConfig, base: Path | None = None) -> VisionEncod
         raise ConfigError(f"encoder {config.name!r}: {str(e).splitlines()[0]}{hint}") from None
     if config.weights:
         path = _resolve(config.weights, base)
+        path = weights_file(path) if is_hub_id(path) and not Path(path).suffix else path  # owner/name: a repo
         state = timm_layout(read_state_file(path), model)
         check_state_dict(model.state_dict(), state, path)
         model.load_state_dict(state)
@@ -151,9 +152,8 @@ def checkpoint_identity(directory: str | Path) -> str:
 
 
 def load_lm(config: LMConfig, base: Path | None = None, device_map: str | dict | None = None):
-    """The frozen LM and its tokenizer, from a local directory or a hub repo id (at lm.revision).
-    device_map places the LM's modules across devices as transformers does (accelerate):
-    "auto", "balanced", "sequential", or {module name: device, "cpu" or "disk"}."""
+    """The frozen LM and its tokenizer, from a local directory or a hub repo id (at lm.revision), placed
+    across devices by a transformers device_map ("auto", ..., or {module name: device, "cpu", "disk"})."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not config.path:

@@ -66,3 +66,17 @@ def pretrained_weights_hint(timm_name: str) -> str:
     if not repo:
         return f"timm downloads its pretrained weights; offline, {local}"
     return f"its pretrained weights are the hub repo {repo}: `{fetch_command(repo)}` puts them in the hub cache, {local}"
+
+
+# An encoder repo's weights, by preference: timm's, open_clip's, then a plain torch file.
+WEIGHTS_FILES = ("model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin")
+
+
+def weights_file(repo: str, revision: str | None = None) -> str:
+    """The weights file of a hub repo holding one vision encoder's weights (--encoder-weights REPO)."""
+    folder = snapshot(repo, revision, patterns=list(WEIGHTS_FILES))
+    found = [folder / name for name in WEIGHTS_FILES if (folder / name).is_file()]
+    if not found:
+        raise CheckpointError(f"{repo}: the hub repo (or its cached snapshot) holds none of {', '.join(WEIGHTS_FILES)}: "
+                              f"fetch them with `{fetch_command(repo)}`, or give a local weights file")
+    return str(found[0])

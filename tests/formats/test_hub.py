@@ -103,3 +103,19 @@ def test_init_names_its_lm_by_repo_id_and_the_checkpoint_loads_it_from_the_cache
     by_id, by_dir = (score(hub, "--ckpt", str(tmp_path / name)) for name in ("by-id", "by-dir"))
     assert by_id.returncode == 0, by_id.stderr
     assert by_id.stdout == by_dir.stdout and by_id.stdout.count("\n") == 2
+
+
+def test_encoder_weights_by_repo_id_are_the_repos_weights_file(hub, tmp_path):
+    cache, _ = hub
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shutil.copy(BUNDLED_CHECKPOINT / "encoder.safetensors", weights / "model.safetensors")
+    cached_repo(cache, "toy/encoder", weights)
+    code = ("import sys, torch; from flamingo_cli.formats.checkpoint import load_encoder, read_config; "
+            "c = read_config(sys.argv[1]).encoder; c.weights = sys.argv[2]; "
+            "a = load_encoder(c).state_dict(); c.weights = sys.argv[3]; b = load_encoder(c).state_dict(); "
+            "assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a); print(len(a))")
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", code, str(BUNDLED_CHECKPOINT), "toy/encoder",
+                        str(BUNDLED_CHECKPOINT / "encoder.safetensors")], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and int(r.stdout) > 10, r.stderr
