@@ -143,8 +143,13 @@ def main() -> None:
 
 
 def _in_group() -> bool:
-    dist = sys.modules.get("torch.distributed")
-    return dist is not None and dist.is_available() and dist.is_initialized()
+    """A torchrun/srun rank that may have joined a torch.distributed group, even if it has left
+    it since (pretrain does): gloo's threads can abort the teardown either way."""
+    if "torch.distributed" not in sys.modules:
+        return False
+    from ..inference.sharding import launched
+
+    return launched() is not None
 
 
 # -- options -------------------------------------------------------------------------------

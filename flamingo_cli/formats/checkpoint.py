@@ -242,7 +242,7 @@ def apply_lm_overrides(lm: torch.nn.Module, overrides: dict[str, torch.Tensor], 
         problems.append("not weights of this LM: " + listing(unknown))
     if shapes:
         problems.append("wrong shape " + listing(shapes))
-    offloaded = sorted(k for k in overrides if own[k].device.type == "meta")
+    offloaded = sorted(k for k in overrides if k in own and own[k].device.type == "meta")
     if offloaded:
         problems.append("offloaded to disk by the device map, so they cannot be replaced " + listing(offloaded))
     if problems:

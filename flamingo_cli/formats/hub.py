@@ -62,10 +62,11 @@ def pretrained_weights_hint(timm_name: str) -> str:
 
     cfg = timm.models.get_pretrained_cfg(timm_name)
     repo = getattr(cfg, "hf_hub_id", None)
-    local = "or give a local file with --encoder-weights, or encoder.weights in a preset"
+    local = "offline, give a local file with --encoder-weights, or encoder.weights in a preset"
     if not repo:
-        return f"timm downloads its pretrained weights; offline, {local}"
-    return f"its pretrained weights are the hub repo {repo}: `{fetch_command(repo)}` puts them in the hub cache, {local}"
+        return f"timm downloads its pretrained weights; {local}"
+    return (f"timm downloads its pretrained weights from the hub repo {repo} (`{fetch_command(repo)}` puts them "
+            f"in the hub cache, where offline runs find them); or, {local}")
 
 
 # An encoder repo's weights, by preference: timm's, open_clip's, then a plain torch file.
