@@ -13,6 +13,32 @@ from flamingo_cli.tiny import save_tiny_lm  # noqa: E402
 VISUAL_DIM = 32
 
 
+def hub_repo(cache, repo: str, files, revisions=("main",), commit: str = "0123456789abcdef" * 2 + "01234567"):
+    """A repo in huggingface_hub's on-disk cache layout, as it reads it offline: refs/REVISION
+    holds the commit, snapshots/COMMIT/ the files (a copy of the directory `files`)."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(cache) / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    for revision in revisions:
+        (root / "refs" / revision).write_text(commit)
+    shutil.copytree(files, root / "snapshots" / commit, dirs_exist_ok=True)
+    return root / "snapshots" / commit
+
+
+def toy_shot_records(count: int = 3) -> list[dict]:
+    """Two-shot caption prompts over the toy world's demo images, for the bundled model."""
+    from pathlib import Path
+
+    toy = Path(__file__).resolve().parents[1] / "examples" / "toy"
+    shots = [f"{toy}/shots/shot-0{i}.png" for i in range(2)]
+    prompt = ("<image>Output: a pink diamond<|endofchunk|><image>Output: a cyan triangle<|endofchunk|>"
+              "<image>Output:")
+    return [{"id": image.stem, "prompt": prompt, "media": [*shots, str(image)]}
+            for image in sorted((toy / "images").glob("*.png"))[:count]]
+
+
 @pytest.fixture(scope="session")
 def lm_dir(tmp_path_factory):
     """family -> directory of a tiny random LM with its locally trained tokenizer (built once)."""

@@ -1,8 +1,6 @@
 """`flamingo import openflamingo`: an OpenFlamingo checkpoint into a checkpoint directory."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from .core import init_config, quiet_libraries
@@ -43,13 +41,13 @@ def import_openflamingo(checkpoint, revision, config_path, lm, lm_dtype, encoder
     missing, unknown, mis-shaped or different is an error that names it.
     """
     from ..formats.checkpoint import save_checkpoint
-    from ..formats.hub import is_hub_id, snapshot
+    from ..formats.hub import is_repo_name, snapshot
     from ..importers.clip_towers import openflamingo_encoder
     from ..importers.openflamingo import CHECKPOINT_FILE, RELEASED
     from ..importers.openflamingo import import_openflamingo as run_import
 
     quiet_libraries()
-    if is_hub_id(checkpoint) and not Path(checkpoint).suffix:  # owner/name, not a missing checkpoint.pt
+    if is_repo_name(checkpoint):
         repo = checkpoint
         config_path = config_path or RELEASED.get(repo)
         checkpoint = str(snapshot(repo, revision, required=(CHECKPOINT_FILE,), patterns=[CHECKPOINT_FILE])

@@ -31,7 +31,7 @@ from ..model.config import EncoderConfig, FlamingoConfig, LMConfig
 from ..model.flamingo import Flamingo
 from ..model.vision_encoder import VisionEncoder
 from .artifacts import cache_dir, default_umask, digest_file, signals_deferred, storage_failure
-from .hub import is_hub_id, pretrained_weights_hint, snapshot, weights_file
+from .hub import is_hub_id, is_repo_name, pretrained_weights_hint, snapshot, weights_file
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -110,7 +110,7 @@ def load_encoder(config: EncoderConfig, base: Path | None = None) -> VisionEncod
         raise ConfigError(f"encoder {config.name!r}: {str(e).splitlines()[0]}{hint}") from None
     if config.weights:
         path = _resolve(config.weights, base)
-        path = weights_file(path) if is_hub_id(path) and not Path(path).suffix else path  # owner/name: a repo
+        path = weights_file(path) if is_repo_name(path) else path
         state = timm_layout(read_state_file(path), model)
         check_state_dict(model.state_dict(), state, path)
         model.load_state_dict(state)

@@ -18,6 +18,12 @@ def is_hub_id(name: str) -> bool:
     return not Path(name).exists() and HUB_ID.fullmatch(name) is not None
 
 
+def is_repo_name(name: str) -> bool:
+    """A hub id that names a repo where a file is expected (owner/name, no suffix), not a missing
+    local file such as checkpoint.pt."""
+    return is_hub_id(name) and not Path(name).suffix
+
+
 def fetch_command(repo: str, revision: str | None = None, files: tuple[str, ...] = ()) -> str:
     return " ".join(["hf download", repo, *files, *(["--revision", revision] if revision else [])])
 

@@ -12,20 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import hub_repo
 from flamingo_cli.formats.checkpoint import BUNDLED_CHECKPOINT
 
 TOY = Path(__file__).resolve().parents[2] / "examples" / "toy"
 FLAMINGO = str(Path(sys.executable).parent / "flamingo")
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def cached_repo(cache: Path, repo: str, files: Path, revisions=("main",), commit: str = COMMIT) -> Path:
-    root = cache / f"models--{repo.replace('/', '--')}"
-    (root / "refs").mkdir(parents=True)
-    for revision in revisions:
-        (root / "refs" / revision).write_text(commit)
-    shutil.copytree(files, root / "snapshots" / commit)
-    return root / "snapshots" / commit
+COMMIT = "0123456789abcdef0123456789abcdef01234567"  # conftest.hub_repo's
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +25,9 @@ def hub(tmp_path_factory):
     """A cache holding the bundled model as toy/flamingo (its LM embedded), and as toy/split,
     whose config names its LM by the id toy/lm, a repo of its own."""
     cache = tmp_path_factory.mktemp("hub")
-    cached_repo(cache, "toy/flamingo", BUNDLED_CHECKPOINT, revisions=("main", "v1"))
-    cached_repo(cache, "toy/lm", BUNDLED_CHECKPOINT / "lm")
-    split = cached_repo(cache, "toy/split", BUNDLED_CHECKPOINT)
+    hub_repo(cache, "toy/flamingo", BUNDLED_CHECKPOINT, revisions=("main", "v1"))
+    hub_repo(cache, "toy/lm", BUNDLED_CHECKPOINT / "lm")
+    split = hub_repo(cache, "toy/split", BUNDLED_CHECKPOINT)
     shutil.rmtree(split / "lm")
     config = yaml.safe_load((split / "config.yaml").read_text())
     config["lm"]["path"] = "toy/lm"
@@ -110,7 +102,7 @@ def test_encoder_weights_by_repo_id_are_the_repos_weights_file(hub, tmp_path):
     weights = tmp_path / "weights"
     weights.mkdir()
     shutil.copy(BUNDLED_CHECKPOINT / "encoder.safetensors", weights / "model.safetensors")
-    cached_repo(cache, "toy/encoder", weights)
+    hub_repo(cache, "toy/encoder", weights)
     code = ("import sys, torch; from flamingo_cli.formats.checkpoint import load_encoder, read_config; "
             "c = read_config(sys.argv[1]).encoder; c.weights = sys.argv[2]; "
             "a = load_encoder(c).state_dict(); c.weights = sys.argv[3]; b = load_encoder(c).state_dict(); "

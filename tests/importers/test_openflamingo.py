@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import hub_repo
 from flamingo_cli.model.config import FlamingoConfig
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "openflamingo"
@@ -373,21 +373,10 @@ def test_import_encoder_option_replaces_the_presets_encoder():
 
 # -- by hub repo id -------------------------------------------------------------------------------
 
-def _hub_repo(cache: Path, repo: str, files: dict[str, Path]) -> None:
-    """A repo in the layout huggingface_hub reads offline (refs/main -> snapshots/COMMIT/)."""
-    root, commit = cache / f"models--{repo.replace('/', '--')}", "f" * 40
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(commit)
-    for name, source in files.items():
-        target = root / "snapshots" / commit / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
-
-
 def test_import_by_repo_id_fetches_the_checkpoint_and_its_lm_from_the_hub_cache(tmp_path):
     cache = tmp_path / "hub"
-    _hub_repo(cache, "someone/tiny-openflamingo", {"checkpoint.pt": GOLDEN / "llama" / "checkpoint.pt"})
-    _hub_repo(cache, "someone/tiny-llama", {".": GOLDEN / "llama" / "lm"})
+    hub_repo(cache, "someone/tiny-openflamingo", GOLDEN / "llama", revisions=("main",))
+    hub_repo(cache, "someone/tiny-llama", GOLDEN / "llama" / "lm")
     by_file, r = import_cmd(tmp_path, "llama")
     assert r.returncode == 0, r.stderr
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "TQDM_DISABLE": "1"}
@@ -410,7 +399,7 @@ def test_a_released_repo_brings_its_preset_and_offline_names_what_to_fetch(tmp_p
     assert f"`hf download {repo}`" in r.stderr
     # With its checkpoint.pt cached, the repo's preset (openflamingo-9b: no --lm needed) names
     # OpenAI's CLIP ViT-L/14 from timm, whose weights are a hub repo too.
-    _hub_repo(tmp_path / "hub", repo, {"checkpoint.pt": GOLDEN / "llama" / "checkpoint.pt"})
+    hub_repo(tmp_path / "hub", repo, GOLDEN / "llama")
     r = run()
     assert r.returncode != 0 and len(r.stderr.splitlines()) == 1, r.stderr
     assert "encoder 'vit_large_patch14_clip_224.openai'" in r.stderr

@@ -12,23 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import toy_shot_records
 from flamingo_cli.formats.checkpoint import BUNDLED_CHECKPOINT
 from flamingo_cli.inference.generation import generate_records
 from flamingo_cli.inference.media import load_for_inference
 from flamingo_cli.inference.scoring import score_records
 
-TOY = Path(__file__).resolve().parents[2] / "examples" / "toy"
 SHAPES = ["circle", "square", "triangle", "diamond", "cross", "star"]
 MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "cpu",
        "model.layers.3": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
 
 
-def records():
-    shots = [f"{TOY}/shots/shot-0{i}.png" for i in range(2)]
-    prompt = ("<image>Output: a pink diamond<|endofchunk|><image>Output: a cyan triangle<|endofchunk|>"
-              "<image>Output:")
-    return [{"id": image.stem, "prompt": prompt, "media": [*shots, str(image)]}
-            for image in sorted((TOY / "images").glob("*.png"))[:3]]
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +41,11 @@ def test_the_map_is_applied_and_the_blocks_follow_their_layers(models):
 
 def test_outputs_are_those_of_the_model_on_one_device(models):
     (whole, whole_media), (placed, placed_media) = models
-    a = list(score_records(whole, records(), whole_media, candidates=SHAPES))
-    b = list(score_records(placed, records(), placed_media, candidates=SHAPES))
+    a = list(score_records(whole, toy_shot_records(), whole_media, candidates=SHAPES))
+    b = list(score_records(placed, toy_shot_records(), placed_media, candidates=SHAPES))
     assert [r["scores"] for r in b] == [r["scores"] for r in a]
-    a = generate_records(whole, records(), whole_media, num_beams=3, max_new_tokens=6)
-    b = generate_records(placed, records(), placed_media, num_beams=3, max_new_tokens=6)
+    a = generate_records(whole, toy_shot_records(), whole_media, num_beams=3, max_new_tokens=6)
+    b = generate_records(placed, toy_shot_records(), placed_media, num_beams=3, max_new_tokens=6)
     assert [r["output"] for r in b] == [r["output"] for r in a] and all(r["output"] for r in a)
 
 
@@ -61,7 +55,7 @@ def _flamingo(*args, cwd):
 
 
 def test_generate_with_a_device_map_file_writes_the_same_bytes(tmp_path):
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records()))
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in toy_shot_records()))
     (tmp_path / "map.json").write_text(json.dumps(MAP))
     plain = _flamingo("generate", "-q", "--max-new-tokens", "4", "prompts.jsonl", cwd=tmp_path)
     mapped = _flamingo("generate", "-q", "--max-new-tokens", "4", "--device-map", "map.json", "prompts.jsonl",

@@ -1,24 +1,17 @@
 """--dtype: the model held in bfloat16, cast once as it loads, not autocast at each call."""
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import toy_shot_records
 from flamingo_cli.formats.checkpoint import BUNDLED_CHECKPOINT
 from flamingo_cli.inference.generation import generate_records
 from flamingo_cli.inference.media import load_for_inference
 from flamingo_cli.inference.scoring import score_records
 
-TOY = Path(__file__).resolve().parents[2] / "examples" / "toy"
 SHAPES = ["circle", "square", "triangle", "diamond", "cross", "star"]
 
 
-def records():
-    shots = [f"{TOY}/shots/shot-0{i}.png" for i in range(2)]
-    prompt = ("<image>Output: a pink diamond<|endofchunk|><image>Output: a cyan triangle<|endofchunk|>"
-              "<image>Output:")
-    return [{"id": image.stem, "prompt": prompt, "media": [*shots, str(image)]}
-            for image in sorted((TOY / "images").glob("*.png"))[:3]]
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +24,14 @@ def test_the_model_is_held_in_the_dtype_and_the_encoder_stays_float32(models):
     half, media = models["bfloat16"]
     assert {p.dtype for p in full.parameters()} == {torch.float32}
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}, "LM, cross-attention and resampler"
-    media.visuals(records()[0]["media"])  # image paths: the encoder loads on demand
+    media.visuals(toy_shot_records()[0]["media"])  # image paths: the encoder loads on demand
     assert {p.dtype for p in media._encoder.parameters()} == {torch.float32}
 
 
 def test_bfloat16_scores_are_near_float32s_and_rank_alike(models):
     (full_model, full_media), (half_model, half_media) = models[None], models["bfloat16"]
-    full = list(score_records(full_model, records(), full_media, candidates=SHAPES))
-    half = list(score_records(half_model, records(), half_media, candidates=SHAPES))
+    full = list(score_records(full_model, toy_shot_records(), full_media, candidates=SHAPES))
+    half = list(score_records(half_model, toy_shot_records(), half_media, candidates=SHAPES))
     for a, b in zip(full, half):
         assert max(abs(a["scores"][c] - b["scores"][c]) for c in SHAPES) < 0.5
         assert a["prediction"] == b["prediction"]
@@ -47,7 +40,7 @@ def test_bfloat16_scores_are_near_float32s_and_rank_alike(models):
 
 def test_bfloat16_generates_the_same_answers_here(models):
     (full_model, full_media), (half_model, half_media) = models[None], models["bfloat16"]
-    full = generate_records(full_model, records(), full_media, num_beams=3, max_new_tokens=6)
-    half = generate_records(half_model, records(), half_media, num_beams=3, max_new_tokens=6)
+    full = generate_records(full_model, toy_shot_records(), full_media, num_beams=3, max_new_tokens=6)
+    half = generate_records(half_model, toy_shot_records(), half_media, num_beams=3, max_new_tokens=6)
     assert [r["output"] for r in half] == [r["output"] for r in full]
     assert all(r["output"] for r in full)
