@@ -140,7 +140,7 @@ class _Prompt:
     """What every chunk reuses from the prompt's single run."""
     states: list  # per layer: keys, values (1, heads, length, head_dim); never mutated
     first: torch.Tensor  # (V,) log-probs of the token after the prompt, i.e. of each candidate's first token
-    images: int  # <image> tokens in the prompt, so phi continues from the right image
+    images: int  # what phi continues from (_images_before), so candidates attend to the right image
     visual: torch.Tensor | None  # (1, m, l, d)
     length: int
 
@@ -151,7 +151,17 @@ def _run_prompt(model, ids: list[int], visual, prefix_cache, media) -> _Prompt:
     if media is None:
         media = [f"#{i}" for i in range(ids.count(model.image_token_id))]
     states, logits = prefix_cache.run(ids, media, visual, len(ids), logits=True)
-    return _Prompt(states, logits.float().log_softmax(-1), ids.count(model.image_token_id), visual, len(ids))
+    return _Prompt(states, logits.float().log_softmax(-1), _images_before(model, ids), visual, len(ids))
+
+
+def _images_before(model, ids: list[int]) -> int:
+    """The prompt's <image> count; 0 where the model resets after end-of-sequence and the prompt
+    ends after one with no <image> since: its candidates (which hold no <image>) attend to none."""
+    image, reset = model.image_token_id, model.reset_token_id
+    last = {t: i for i, t in enumerate(ids) if t in (image, reset)}  # each token's last position
+    if reset is not None and last.get(reset, -1) > last.get(image, -1):
+        return 0
+    return ids.count(image)
 
 
 def _candidate_tokens(model, candidates, continuation) -> list[list[int]]:
@@ -181,7 +191,10 @@ def _score_prompts(model, prompts: list[_Prompt], token_ids: list[list[int]], ba
     totals = torch.stack([p.first for p in prompts])[:, [ids[0] for ids in token_ids]]  # (g, n)
     stack = _Stack(prompts)
     per_chunk = max(1, batch_size // g)
-    run = _flat_chunk if model.lm.config._attn_implementation == "sdpa" else _row_chunk
+    # The flat layout puts a chunk's candidates in one sequence: a reset token in one would cut the
+    # candidates after it off their image, so candidates holding one go one row each.
+    resets = model.reset_token_id is not None and any(model.reset_token_id in ids[:-1] for ids in token_ids)
+    run = _flat_chunk if model.lm.config._attn_implementation == "sdpa" and not resets else _row_chunk
     # Only candidates of 2+ tokens need a forward: the last token of each predicts nothing we score.
     todo = sorted((j for j, ids in enumerate(token_ids) if len(ids) > 1), key=lambda j: len(token_ids[j]))
     for start in range(0, len(todo), per_chunk):

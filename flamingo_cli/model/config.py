@@ -41,7 +41,8 @@ class ResamplerConfig:
     num_latents: int = 64  # visual tokens per image or video
     ff_mult: int = 4
     max_frames: int = 8  # learned temporal embeddings; more frames at inference are interpolated; 0 = none
-    activation: str = "gelu"  # "gelu" (OpenFlamingo) or "sqrelu" (the paper's squared ReLU)
+    activation: str = "gelu"  # "gelu" (OpenFlamingo), "sqrelu" (the paper's squared ReLU) or "relu" (IDEFICS)
+    qk_norm: bool = False  # LayerNorm (with bias) on each head's queries and keys before attention (IDEFICS)
 
 
 @dataclass
@@ -52,6 +53,18 @@ class XAttnConfig:
     dim_head: int = 64
     ff_mult: int = 4
     masking: str = "last_image"  # "last_image" (the paper) or "all_previous" (ablation)
+    # The fields below default to OpenFlamingo's block. IDEFICS's: norm="rmsnorm", norm_eps=its rms_norm_eps,
+    # qk_norm=its qk_layer_norms, ff="swiglu", ff_dim=its intermediate_size, gate="vector" or "scalar" (its
+    # alpha_type "vector" or "float"), reset_after_eos=True.
+    norm: str = "layernorm"  # "layernorm" (with bias) or "rmsnorm" (weight only, LLaMA's) before attention and ff
+    norm_eps: float = 1e-5  # of every norm in the block (1e-5 is LayerNorm's default)
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before attention
+    ff: str = "gelu"  # "gelu": Linear -> GELU -> Linear; "swiglu": down(silu(gate(x)) * up(x)), LLaMA's MLP
+    ff_dim: int | None = None  # the ff's hidden width; None = the LM's hidden size * ff_mult
+    gate: str = "scalar"  # tanh gates of one value per block ("scalar") or one per hidden unit ("vector")
+    # After the LM's end-of-sequence token, text attends to no image until the next <image>
+    # (the end-of-sequence token itself keeps its own): IDEFICS's processor does this.
+    reset_after_eos: bool = False
 
 
 @dataclass
@@ -78,8 +91,27 @@ class FlamingoConfig:
             raise ConfigError(f"xattn.placement must be 'paper' or 'openflamingo', got {self.xattn.placement!r}")
         if self.xattn.masking not in ("last_image", "all_previous"):
             raise ConfigError(f"xattn.masking must be 'last_image' or 'all_previous', got {self.xattn.masking!r}")
-        if self.resampler.activation not in ("gelu", "sqrelu"):
-            raise ConfigError(f"resampler.activation must be 'gelu' or 'sqrelu', got {self.resampler.activation!r}")
+        if self.xattn.norm not in ("layernorm", "rmsnorm"):
+            raise ConfigError(f"xattn.norm must be 'layernorm' or 'rmsnorm', got {self.xattn.norm!r}")
+        eps = self.xattn.norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            # YAML reads 1e-6 (no dot) as text, hence the hint.
+            raise ConfigError(f"xattn.norm_eps must be a number > 0 (in YAML write 1.0e-6, not 1e-6), got {eps!r}")
+        if self.xattn.ff not in ("gelu", "swiglu"):
+            raise ConfigError(f"xattn.ff must be 'gelu' or 'swiglu', got {self.xattn.ff!r}")
+        if self.xattn.ff_dim is not None and self.xattn.ff_dim < 1:
+            raise ConfigError(f"xattn.ff_dim must be >= 1 or null (the LM's hidden size * ff_mult), "
+                              f"got {self.xattn.ff_dim}")
+        if self.xattn.gate not in ("scalar", "vector"):
+            raise ConfigError(f"xattn.gate must be 'scalar' or 'vector', got {self.xattn.gate!r}")
+        for name in ("qk_norm", "reset_after_eos"):
+            if not isinstance(getattr(self.xattn, name), bool):
+                raise ConfigError(f"xattn.{name} must be true or false, got {getattr(self.xattn, name)!r}")
+        if self.resampler.activation not in ("gelu", "sqrelu", "relu"):
+            raise ConfigError(f"resampler.activation must be 'gelu', 'sqrelu' or 'relu', "
+                              f"got {self.resampler.activation!r}")
+        if not isinstance(self.resampler.qk_norm, bool):
+            raise ConfigError(f"resampler.qk_norm must be true or false, got {self.resampler.qk_norm!r}")
         if self.lm.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"lm.dtype must be float32, bfloat16 or float16, got {self.lm.dtype!r}")
         for tok in (IMAGE_TOKEN, END_OF_CHUNK_TOKEN):

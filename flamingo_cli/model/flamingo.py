@@ -72,6 +72,10 @@ class Flamingo(nn.Module):
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.eoc_token_id = tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN)
         self.pad_token_id = tokenizer.pad_token_id
+        # The token after which text attends to no image until the next <image> (None: no such token).
+        self.reset_token_id = tokenizer.eos_token_id if config.xattn.reset_after_eos else None
+        if config.xattn.reset_after_eos and self.reset_token_id is None:
+            raise ValueError("xattn.reset_after_eos needs an end-of-sequence token, and this LM's tokenizer has none")
 
         layers = decoder_layers(lm)
         hidden = text_config(lm).hidden_size
@@ -110,7 +114,8 @@ class Flamingo(nn.Module):
         ids = kwargs.get("input_ids", args[0] if args else None)
         t = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
         pos = torch.arange(t, device=ctx.phi.device) + _cache_length(kwargs) - ctx.start
-        # Positions past the known ones are generated tokens: never <image>, so they keep the last phi.
+        # Positions past the known ones are generated tokens: never <image>, so they keep the last phi
+        # (after a generated end-of-sequence token too, as IDEFICS's generate reuses the last mask row).
         ctx.chunk_phi = ctx.phi[:, pos.clamp(0, ctx.phi.shape[1] - 1)]
         return None
 
@@ -201,8 +206,11 @@ class Flamingo(nn.Module):
         (1, m, l, d) is one set of media shared by every sequence.
 
         With a `cache` from an earlier call, input_ids continue that sequence and
-        `images_before` (b,) counts the <image> tokens already in it. `next_image` (b,) bool
-        makes a training sequence's text attend to the next image instead (the paper's p_next).
+        `images_before` (b,) counts the <image> tokens already in it. Under xattn.reset_after_eos
+        only resets within input_ids are seen: where the earlier part ended after an end-of-sequence
+        token with no <image> since, pass images_before 0 (exact while input_ids hold no <image>).
+        `next_image` (b,) bool makes a training sequence's text attend to the next image instead
+        (the paper's p_next).
         Instead of visual tokens, `features` (b, m, f, n, d) may be given; they are resampled
         here, inside the forward, which is what sharded (FSDP) training needs. attention_mask
         may be the LM's 2D padding mask or a 4D (b, 1, t, cache + t) additive mask, passed as is.
@@ -210,7 +218,7 @@ class Flamingo(nn.Module):
         """
         if features is not None:
             visual = self.resample(features)
-        phi = image_index(input_ids, self.image_token_id, images_before, next_image)
+        phi = image_index(input_ids, self.image_token_id, images_before, next_image, self.reset_token_id)
         self._check_media(phi, visual)
         ctx = MediaContext(visual=visual, phi=phi, start=_cache_length({"cache": cache}))
         extra = {} if position_ids is None else {"position_ids": position_ids}
@@ -235,7 +243,7 @@ class Flamingo(nn.Module):
         b, n = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        phi = image_index(input_ids, self.image_token_id)
+        phi = image_index(input_ids, self.image_token_id, reset_token_id=self.reset_token_id)
         self._check_media(phi, visual)
         cache = DynamicCache() if cache is None else cache
         kv = {}

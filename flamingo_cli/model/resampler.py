@@ -19,14 +19,17 @@ class SquaredReLU(nn.Module):
         return F.relu(x) ** 2
 
 
-def feed_forward(dim: int, mult: int, activation: str = "gelu") -> nn.Sequential:
-    """LayerNorm -> Linear -> activation -> Linear, no biases (the layout OpenFlamingo's weights use)."""
-    act = nn.GELU() if activation == "gelu" else SquaredReLU()
+ACTIVATIONS = {"gelu": nn.GELU, "sqrelu": SquaredReLU, "relu": nn.ReLU}
+
+
+def feed_forward(dim: int, hidden: int, activation: str = "gelu", norm: nn.Module | None = None) -> nn.Sequential:
+    """norm -> Linear -> activation -> Linear, no biases (the layout OpenFlamingo's weights use);
+    the norm is LayerNorm(dim) unless another is given."""
     return nn.Sequential(
-        nn.LayerNorm(dim),
-        nn.Linear(dim, dim * mult, bias=False),
-        act,
-        nn.Linear(dim * mult, dim, bias=False),
+        nn.LayerNorm(dim) if norm is None else norm,
+        nn.Linear(dim, hidden, bias=False),
+        ACTIVATIONS[activation](),
+        nn.Linear(hidden, dim, bias=False),
     )
 
 
@@ -34,7 +37,7 @@ class PerceiverAttention(nn.Module):
     """Latents attend to concat(features, latents): unlike the original Perceiver, the
     latents also see themselves, which the paper found slightly better."""
 
-    def __init__(self, *, dim: int, heads: int, dim_head: int):
+    def __init__(self, *, dim: int, heads: int, dim_head: int, qk_norm: bool = False):
         super().__init__()
         self.heads = heads
         inner = heads * dim_head
@@ -43,6 +46,11 @@ class PerceiverAttention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim, inner * 2, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
+        # Absent, not identities, when off: a checkpoint without them keeps its key names.
+        if qk_norm:
+            self.q_norm, self.k_norm = nn.LayerNorm(dim_head), nn.LayerNorm(dim_head)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """x (b, n, d) features, latents (b, l, d) -> (b, l, d)."""
@@ -51,6 +59,8 @@ class PerceiverAttention(nn.Module):
         q = self.to_q(latents)
         k, v = self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1)
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         out = F.scaled_dot_product_attention(q, k, v)  # (b, h, l, d)
         return self.to_out(rearrange(out, "b h l d -> b l (h d)"))
 
@@ -68,8 +78,8 @@ class PerceiverResampler(nn.Module):
         self.time_embs = nn.Parameter(torch.randn(c.max_frames, c.dim)) if c.max_frames > 0 else None
         self.layers = nn.ModuleList(
             nn.ModuleList([
-                PerceiverAttention(dim=c.dim, heads=c.heads, dim_head=c.dim_head),
-                feed_forward(c.dim, c.ff_mult, c.activation),
+                PerceiverAttention(dim=c.dim, heads=c.heads, dim_head=c.dim_head, qk_norm=c.qk_norm),
+                feed_forward(c.dim, c.dim * c.ff_mult, c.activation),
             ])
             for _ in range(c.depth)
         )

@@ -3,7 +3,9 @@
     y = y + tanh(a_attn) * xattn(q=y, kv=visual)
     y = y + tanh(a_ffw)  * ffw(y)
 
-Both gates are scalars initialised at 0, so before training the model *is* the frozen LM.
+Both gates start at 0 (one value each, or one per hidden unit), so before training the model
+*is* the frozen LM. Norms, the ff and q/k norms are options: OpenFlamingo's block by default,
+IDEFICS's (RMSNorm, SwiGLU, RMSNorm on q and k, vector gates) when configured so.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from torch import nn
 
 from .config import XAttnConfig
 from .masking import cross_attention_mask
+from .norms import RMSNorm, make_norm
 from .resampler import feed_forward
 
 
@@ -37,6 +40,8 @@ class VisualKV:
             r, i = pairs // m, pairs % m
             k, v = (rearrange(t, "n l (h d) -> n h l d", h=self.attn.heads)
                     for t in self.attn.to_kv(self.visual[r, i]).chunk(2, dim=-1))
+            if self.attn.k_norm is not None:  # before caching: the kept keys are reused as they are
+                k = self.attn.k_norm(k)
             if self.k is None:
                 self.k, self.v = (t.new_empty(*self.done.shape, *t.shape[1:]) for t in (k, v))
             if torch.is_grad_enabled():  # out of place: autograd sees every write
@@ -50,19 +55,27 @@ class VisualKV:
 class MaskedCrossAttention(nn.Module):
     """Text tokens (width dim) attend to visual tokens (width dim_visual) under the per-image mask."""
 
-    def __init__(self, *, dim: int, dim_visual: int, heads: int, dim_head: int, masking: str):
+    def __init__(self, *, dim: int, dim_visual: int, heads: int, dim_head: int, masking: str,
+                 norm: str = "layernorm", eps: float = 1e-5, qk_norm: bool = False):
         super().__init__()
         self.heads, self.dim_head = heads, dim_head
         self.masking = masking
         inner = heads * dim_head
-        self.norm = nn.LayerNorm(dim)
+        self.norm = make_norm(norm, dim, eps)
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim_visual, inner * 2, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
+        # Absent, not identities, when off: a checkpoint without them keeps its key names.
+        if qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(dim_head, eps), RMSNorm(dim_head, eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, y: torch.Tensor, kv: VisualKV, phi: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """y (b, t, d), phi (b, t), rows (b,) each sequence's row of the media -> (b, t, d); zero where phi = 0."""
         q = rearrange(self.to_q(self.norm(y)), "b t (h d) -> b t h d", h=self.heads)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
         attend = self._own_image if self.masking == "last_image" else self._masked
         return self.to_out(rearrange(attend(q, kv, phi, rows), "b t h d -> b t (h d)"))
 
@@ -106,14 +119,33 @@ class MaskedCrossAttention(nn.Module):
         return out * (phi > 0)[..., None, None].to(out.dtype)
 
 
+class SwiGLU(nn.Module):
+    """norm -> down(silu(gate(x)) * up(x)), no biases: LLaMA's MLP, the dense layer of IDEFICS's blocks."""
+
+    def __init__(self, dim: int, hidden: int, norm: nn.Module):
+        super().__init__()
+        self.norm = norm
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
 class GatedXAttnDense(nn.Module):
     def __init__(self, *, dim: int, dim_visual: int, config: XAttnConfig):
         super().__init__()
-        self.attn = MaskedCrossAttention(dim=dim, dim_visual=dim_visual, heads=config.heads,
-                                         dim_head=config.dim_head, masking=config.masking)
-        self.attn_gate = nn.Parameter(torch.zeros(1))
-        self.ff = feed_forward(dim, config.ff_mult)
-        self.ff_gate = nn.Parameter(torch.zeros(1))
+        c = config
+        self.attn = MaskedCrossAttention(dim=dim, dim_visual=dim_visual, heads=c.heads, dim_head=c.dim_head,
+                                         masking=c.masking, norm=c.norm, eps=c.norm_eps, qk_norm=c.qk_norm)
+        gate = (1,) if c.gate == "scalar" else (dim,)  # (dim,) broadcasts over (b, t, dim): tanh per unit
+        self.attn_gate = nn.Parameter(torch.zeros(gate))
+        hidden = dim * c.ff_mult if c.ff_dim is None else c.ff_dim
+        norm = make_norm(c.norm, dim, c.norm_eps)
+        self.ff = feed_forward(dim, hidden, "gelu", norm) if c.ff == "gelu" else SwiGLU(dim, hidden, norm)
+        self.ff_gate = nn.Parameter(torch.zeros(gate))
 
     def forward(self, y: torch.Tensor, visual: torch.Tensor | None, phi: torch.Tensor | None,
                 rows: torch.Tensor | None = None, kv_cache: dict | None = None) -> torch.Tensor:

@@ -277,10 +277,10 @@ class Trainer:
 
 
 def gate_values(model) -> dict:
-    """tanh of every gate, per xattn layer: the curves the paper plots."""
+    """tanh of every gate, per xattn layer: the curves the paper plots (a vector gate's mean)."""
     def value(p):
         p = p.detach()
-        return float((p.full_tensor() if hasattr(p, "full_tensor") else p).tanh())
+        return float((p.full_tensor() if hasattr(p, "full_tensor") else p).tanh().mean())
 
     return {i: {"attn": value(b.attn_gate), "ffw": value(b.ff_gate)} for i, b in model.xattn.items()}
 
