@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from . import import_openflamingo
+from . import import_idefics, import_openflamingo
 
 
 @click.group(name="import", short_help="Convert other toolkits' checkpoints into ours.")
@@ -12,3 +12,4 @@ def import_():
 
 
 import_.add_command(import_openflamingo.import_openflamingo)
+import_.add_command(import_idefics.import_idefics)

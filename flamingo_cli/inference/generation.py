@@ -26,6 +26,13 @@ def check_prompt_record(record: dict) -> tuple[str, list[str]]:
     return prompt, media
 
 
+def tokenize_prompts(model, texts: list[str], **options):
+    """The one place prompt text becomes tokens: written with our markers (<image>, <|endofchunk|>),
+    it is tokenized as the model reads them (config.model_text: IDEFICS's image markup, say).
+    options: the tokenizer's."""
+    return model.tokenizer([model.config.model_text(text) for text in texts], **options)
+
+
 def check_context(model, name: str, prompt_tokens: int, more: int, what: str) -> None:
     """The prompt and what follows it must fit the LM's context: past it, positions the LM was
     never trained on give garbage, with only a transformers warning to show for it."""
@@ -51,7 +58,7 @@ def generate_records(model, records: Iterable[dict], media: MediaResolver, *, nu
         entries.append(media_entries)
         visuals.append(media.visuals(media_entries))
     tokenizer.padding_side = "left"
-    batch = tokenizer(texts, return_tensors="pt", padding=True).to(device)
+    batch = tokenize_prompts(model, texts, return_tensors="pt", padding=True).to(device)
     for record, length in zip(records, batch.attention_mask.sum(1).tolist()):
         check_context(model, record.get("id", "<record>"), length, max_new_tokens, "--max-new-tokens allows")
     visual = pad_media(visuals)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .generation import check_context, check_prompt_record
+from .generation import check_context, check_prompt_record, tokenize_prompts
 from .media import pad_media
 from .prefix_cache import PrefixCache, as_cache, stack_states
 
@@ -26,8 +26,8 @@ def score_candidates(model, prompt_ids: torch.Tensor, visual: torch.Tensor | Non
     """Log-likelihood of each candidate as the continuation of one prompt.
 
     prompt_ids (1, T); visual (1, m, l, d) or None. Each candidate is tokenized as
-    `continuation.format(candidate=c)`, so by default its closing <|endofchunk|> is
-    scored too: that is what tells "red" from a prefix of "red circle".
+    `continuation.format(candidate=c)`, so by default its closing <|endofchunk|> (the model's
+    end-of-chunk token) is scored too: that is what tells "red" from a prefix of "red circle".
     normalize: "sum" (total log-likelihood) or "mean" (per candidate token). A prompt whose
     longest candidate would run past the LM's context is an error naming it (`name`).
     With a PrefixCache (and the prompt's `media` entries, which identify its images) a context
@@ -110,7 +110,7 @@ def _score_group(model, records, media, candidates, continuation, normalize, bat
     with torch.no_grad():
         for record in records:
             text, entries = check_prompt_record(record)
-            ids = model.tokenizer(text).input_ids
+            ids = tokenize_prompts(model, [text]).input_ids[0]
             check_context(model, record.get("id", "<record>"), len(ids), longest, "its longest candidate takes")
             visual = media.visuals(entries).unsqueeze(0) if entries else None
             prompts.append(_run_prompt(model, ids, visual, prefix_cache, entries))
@@ -127,9 +127,9 @@ def rank(scores: dict[str, float]) -> str:
     return max(scores, key=scores.__getitem__)  # max keeps the first of equal maxima
 
 
-def candidate_ids(tokenizer, continuation: str, candidate: str) -> list[int]:
+def candidate_ids(model, continuation: str, candidate: str) -> list[int]:
     """Token ids of one candidate's continuation, without BOS/EOS: it continues the prompt."""
-    ids = tokenizer(continuation.format(candidate=candidate), add_special_tokens=False).input_ids
+    ids = tokenize_prompts(model, [continuation.format(candidate=candidate)], add_special_tokens=False).input_ids[0]
     if not ids:
         raise ValueError(f"candidate {candidate!r} has no tokens with continuation {continuation!r}")
     return ids
@@ -165,7 +165,7 @@ def _images_before(model, ids: list[int]) -> int:
 
 
 def _candidate_tokens(model, candidates, continuation) -> list[list[int]]:
-    return [candidate_ids(model.tokenizer, continuation, c) for c in candidates]
+    return [candidate_ids(model, continuation, c) for c in candidates]
 
 
 def _normalized(totals: list[float], token_ids: list[list[int]], normalize: str) -> list[float]:

@@ -83,6 +83,14 @@ class FlamingoConfig:
     # Tokens added to the LM's tokenizer, in id order. "<PAD>" is added too when the
     # tokenizer has no pad token, as OpenFlamingo does.
     special_tokens: list[str] = field(default_factory=lambda: [END_OF_CHUNK_TOKEN, IMAGE_TOKEN])
+    # The token that ends a chunk of text: generation stops at it, scoring's continuations end with it,
+    # and prompts written with <|endofchunk|> get it in its place. A model trained without one of its own
+    # (IDEFICS) names a token its tokenizer already has, so no row without trained weights is added.
+    end_of_chunk_token: str = END_OF_CHUNK_TOKEN
+    # What each <image> of a prompt is written as, holding <image> once; None: <image> alone. Where one
+    # image directly follows another and the markup ends as it begins, that text is written once between
+    # them. IDEFICS's processor writes "<fake_token_around_image><image><fake_token_around_image>".
+    image_markup: str | None = None
 
     def validate(self) -> None:
         if self.xattn.every < 1:
@@ -114,9 +122,27 @@ class FlamingoConfig:
             raise ConfigError(f"resampler.qk_norm must be true or false, got {self.resampler.qk_norm!r}")
         if self.lm.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"lm.dtype must be float32, bfloat16 or float16, got {self.lm.dtype!r}")
-        for tok in (IMAGE_TOKEN, END_OF_CHUNK_TOKEN):
+        # Our own end-of-chunk token has to be added; another one is the LM's (checked when the model is built).
+        for tok in (IMAGE_TOKEN, END_OF_CHUNK_TOKEN) if self.end_of_chunk_token == END_OF_CHUNK_TOKEN else (IMAGE_TOKEN,):
             if tok not in self.special_tokens:
                 raise ConfigError(f"special_tokens must include {tok!r}")
+        if not isinstance(self.end_of_chunk_token, str) or not self.end_of_chunk_token:
+            raise ConfigError(f"end_of_chunk_token must be a token, got {self.end_of_chunk_token!r}")
+        markup = self.image_markup
+        if markup is not None and (not isinstance(markup, str) or markup.count(IMAGE_TOKEN) != 1):
+            raise ConfigError(f"image_markup must be text holding {IMAGE_TOKEN} once, or null, got {markup!r}")
+
+    def model_text(self, text: str) -> str:
+        """Prompt text written with our markers (<image>, <|endofchunk|>) as this model was trained to
+        read it: its end-of-chunk token, and each image in its markup. Unchanged by default."""
+        if self.end_of_chunk_token != END_OF_CHUNK_TOKEN:
+            text = text.replace(END_OF_CHUNK_TOKEN, self.end_of_chunk_token)
+        if self.image_markup is None:
+            return text
+        before, after = self.image_markup.split(IMAGE_TOKEN)
+        text = text.replace(IMAGE_TOKEN, self.image_markup)
+        # Adjacent images share what lies between them, as IDEFICS's processor shares its fake token.
+        return text.replace(after + before + IMAGE_TOKEN, after + IMAGE_TOKEN) if after == before else text
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

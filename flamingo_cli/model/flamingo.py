@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import END_OF_CHUNK_TOKEN, IMAGE_TOKEN, FlamingoConfig
+from .config import IMAGE_TOKEN, FlamingoConfig
 from .lm import (PAD_TOKEN, add_special_tokens, attach_new_token_rows, context_length, decoder_layers, text_config,
                  xattn_layer_indices)
 from .masking import image_index
@@ -70,7 +70,10 @@ class Flamingo(nn.Module):
             self.config = config
         new_ids = add_special_tokens(tokenizer, config.special_tokens)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self.eoc_token_id = tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN)
+        self.eoc_token_id = tokenizer.convert_tokens_to_ids(config.end_of_chunk_token)
+        if config.end_of_chunk_token not in tokenizer.get_vocab():
+            raise ValueError(f"end_of_chunk_token {config.end_of_chunk_token!r} is neither in special_tokens "
+                             "nor a token of this LM's tokenizer")
         self.pad_token_id = tokenizer.pad_token_id
         # The token after which text attends to no image until the next <image> (None: no such token).
         self.reset_token_id = tokenizer.eos_token_id if config.xattn.reset_after_eos else None
@@ -230,8 +233,9 @@ class Flamingo(nn.Module):
     def generate(self, input_ids: torch.Tensor, visual: torch.Tensor | None = None, *,
                  attention_mask: torch.Tensor | None = None, num_beams: int = 3, max_new_tokens: int = 20,
                  length_penalty: float = 1.0, cache=None) -> torch.Tensor:
-        """Greedy (num_beams=1) or beam search with transformers' own `generate`, stopping at
-        <|endofchunk|>. Returns the new token ids (b, <= max_new_tokens), padded with pad_token_id.
+        """Greedy (num_beams=1) or beam search with transformers' own `generate`, stopping at the
+        end-of-chunk token (config.end_of_chunk_token) or the LM's end-of-sequence token. Returns the
+        new token ids (b, <= max_new_tokens), padded with pad_token_id.
 
         The prompt is prefilled here once for all beams, then its cache is repeated per beam;
         the images' cross-attention K/V are computed once and shared by a prompt's beams.
@@ -259,7 +263,7 @@ class Flamingo(nn.Module):
         ctx = MediaContext(visual=visual, phi=phi[rows], kv=kv, rows=rows if visual is not None and len(visual) > 1
                            else None)
         eos = [self.eoc_token_id]
-        if self.tokenizer.eos_token_id is not None:
+        if self.tokenizer.eos_token_id not in (None, self.eoc_token_id):  # IDEFICS's chunks end at its EOS
             eos.append(self.tokenizer.eos_token_id)
         with self._conditioned(ctx):
             out = self.lm.generate(

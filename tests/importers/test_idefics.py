@@ -1,0 +1,265 @@
+"""Parity with transformers' own IdeficsForVisionText2Text, and a strict importer.
+
+Tiny random IDEFICS models are built here from IdeficsConfig (gates and norms drawn at random so
+that every part bites), imported, loaded back as a checkpoint and run against IDEFICS's forward
+and generate on the same token ids and pixels, with its processor's image-attention mask.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import hub_repo
+from flamingo_cli.errors import CheckpointError
+
+FLAMINGO = [sys.executable, "-c", "from flamingo_cli.cli import main; main()"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+FAKE, IMAGE = "<fake_token_around_image>", "<image>"
+# (A) a float gate every 2nd layer without q/k norms; (B) vector gates before every layer, q/k norms everywhere.
+SETUPS = {"A": dict(qk=False, alpha="float", every=2), "B": dict(qk=True, alpha="vector", every=1)}
+# Text before the first image, two and three images, an end of sequence (</s>) then text before the next image.
+PROMPTS = ["a red circle<image>What colour is the shape? red</s>What shape<image>What shape is it?",
+           "Question:<image>Three elephants<|endofchunk|><image><image>This is a picture of"]
+IMAGES = [2, 3]
+
+
+def tiny_tokenizer_with_image_tokens():
+    """The project's tiny BPE, adding <s> as LLaMA's does, with IDEFICS's two tokens after its vocabulary."""
+    from tokenizers import processors
+
+    from flamingo_cli.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    vocab = len(tok)
+    tok.add_tokens([FAKE, IMAGE], special_tokens=True)  # ids vocab, vocab + 1
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return tok, vocab
+
+
+def tiny_idefics(directory: Path, *, qk: bool, alpha: str, every: int, seed: int = 0):
+    from transformers import IdeficsConfig, IdeficsForVisionText2Text
+
+    tok, vocab = tiny_tokenizer_with_image_tokens()
+    torch.manual_seed(seed)
+    config = IdeficsConfig(
+        vocab_size=vocab, additional_vocab_size=2, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+        num_attention_heads=4, cross_layer_interval=every, max_position_embeddings=128, use_resampler=True,
+        qk_layer_norms=qk, alpha_type=alpha, alpha_initializer="zeros",  # "normal" crashes for float gates
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        vision_config=dict(embed_dim=16, image_size=28, patch_size=14, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, hidden_act="gelu"),
+        perceiver_config=dict(resampler_n_latents=4, resampler_depth=2, resampler_n_heads=2, resampler_head_dim=8,
+                              qk_layer_norms_perceiver=qk))
+    model = IdeficsForVisionText2Text(config).eval()
+    with torch.no_grad():
+        for block in model.model.gated_cross_attn_layers:
+            block.alpha_cross_attn.normal_(0, 1)
+            block.alpha_dense.normal_(0, 1)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return model
+
+
+@pytest.fixture(scope="module")
+def setups(tmp_path_factory):
+    """name -> (IDEFICS model, its directory, our checkpoint loaded back); A through the CLI."""
+    from flamingo_cli.formats.checkpoint import load_checkpoint, save_checkpoint
+    from flamingo_cli.importers.idefics import import_idefics
+
+    root = tmp_path_factory.mktemp("idefics")
+    out = {}
+    for name, options in SETUPS.items():
+        source, ckpt = root / name, root / f"{name}-ckpt"
+        reference = tiny_idefics(source, **options)
+        if name == "A":
+            r = subprocess.run([*FLAMINGO, "import", "idefics", str(source), "-o", str(ckpt)], capture_output=True,
+                               text=True, env=ENV)
+            assert r.returncode == 0, r.stderr
+            assert "tensors imported" in r.stderr
+        else:
+            model, _ = import_idefics(str(source), root / f"{name}-work")
+            save_checkpoint(model, ckpt, embed_lm=True, embed_encoder=True)
+        out[name] = (reference, source, load_checkpoint(ckpt).eval(), ckpt)
+    return out
+
+
+def batch(model):
+    from flamingo_cli.inference.generation import tokenize_prompts
+
+    model.tokenizer.padding_side = "left"
+    enc = tokenize_prompts(model, PROMPTS, return_tensors="pt", padding=True)
+    return enc.input_ids, enc.attention_mask
+
+
+def idefics_mask(ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """IDEFICS's image-attention mask as its processor builds it (after </s>, no image until the next)."""
+    from transformers.models.idefics.processing_idefics import (image_attention_mask_for_packed_input_ids_pt,
+                                                                incremental_to_binary_attention_mask)
+
+    incremental, _ = image_attention_mask_for_packed_input_ids_pt(ids.clone(), tokenizer)
+    return incremental_to_binary_attention_mask(incremental, "pt", num_classes=max(IMAGES))
+
+
+def pixels() -> torch.Tensor:
+    """(b, images, 3, 28, 28), zero where a prompt has fewer images, as IDEFICS's processor pads."""
+    torch.manual_seed(1)
+    pix = torch.randn(len(PROMPTS), max(IMAGES), 3, 28, 28)
+    for row, n in enumerate(IMAGES):
+        pix[row, n:] = 0
+    return pix
+
+
+def visual_tokens(model, pix: torch.Tensor) -> torch.Tensor:
+    b, m = pix.shape[:2]
+    tokens = model.resample(model.encode(pix.flatten(0, 1)))
+    return tokens.view(b, m, *tokens.shape[1:])
+
+
+def max_diff(a, b) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+@pytest.mark.parametrize("name", SETUPS)
+def test_the_vision_tower_gives_idefics_last_hidden_state(setups, name):
+    reference, _, model, _ = setups[name]
+    pix = pixels()[0]
+    with torch.no_grad():
+        ours = model.encode(pix)[:, 0]  # (images, 1 + patches, d): CLS first, before the final norm
+        theirs = reference.model.vision_model(pixel_values=pix).last_hidden_state
+    assert ours.shape == theirs.shape
+    assert max_diff(ours, theirs) <= 1e-5
+
+
+@pytest.mark.parametrize("name", SETUPS)
+def test_logits_match_idefics_on_padded_multi_image_prompts(setups, name):
+    reference, _, model, _ = setups[name]
+    ids, mask = batch(model)
+    assert (ids == model.tokenizer.eos_token_id).any(1).all()  # an end of sequence (or a pad) in every row
+    pix = pixels()
+    with torch.no_grad():
+        theirs = reference(input_ids=ids, attention_mask=mask, pixel_values=pix,
+                           image_attention_mask=idefics_mask(ids, model.tokenizer)).logits
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ours = model(ids, visual_tokens(model, pix), attention_mask=mask, position_ids=positions).logits
+    assert ours.shape == theirs.shape
+    assert max_diff(ours[mask.bool()], theirs[mask.bool()]) <= 1e-4
+
+
+@pytest.mark.parametrize("name", SETUPS)
+@pytest.mark.parametrize("beams", [1, 3])
+def test_generate_matches_idefics_generate(setups, name, beams):
+    reference, _, model, _ = setups[name]
+    ids, mask = batch(model)
+    pix = pixels()
+    tok = model.tokenizer
+    with torch.no_grad():
+        theirs = reference.generate(input_ids=ids, attention_mask=mask, pixel_values=pix,
+                                    image_attention_mask=idefics_mask(ids, tok), max_new_tokens=8, do_sample=False,
+                                    num_beams=beams, suppress_tokens=[model.image_token_id],
+                                    eos_token_id=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+        ours = model.generate(ids, visual_tokens(model, pix), attention_mask=mask, num_beams=beams, max_new_tokens=8)
+    assert ours.tolist() == theirs[:, ids.shape[1]:].tolist()
+
+
+def test_prompts_are_tokenized_as_idefics_processor_tokenizes_them(setups):
+    from PIL import Image
+    from transformers import IdeficsImageProcessor, IdeficsProcessor
+
+    from flamingo_cli.inference.generation import tokenize_prompts
+
+    _, _, model, _ = setups["A"]
+    tok, _ = tiny_tokenizer_with_image_tokens()
+    tok.pad_token = "</s>"  # the processor pads, even one prompt
+    processor = IdeficsProcessor(IdeficsImageProcessor(image_size=28), tok)
+    image = Image.new("RGB", (28, 28))
+    items = ["a red circle", image, image, "What colour is the shape?", image, "red"]  # adjacent images share
+    theirs = processor(text=[items], return_tensors="pt").input_ids[0].tolist()
+    ours = tokenize_prompts(model, ["a red circle<image><image>What colour is the shape?<image>red"]).input_ids[0]
+    assert ours == theirs
+    assert f"circle{FAKE}{IMAGE}{FAKE}{IMAGE}{FAKE}What" in model.tokenizer.decode(ours).replace(" ", "")
+
+
+def test_the_checkpoint_config_says_what_idefics_is(setups):
+    _, _, model, ckpt = setups["B"]
+    config = model.config
+    assert config.special_tokens == [FAKE, IMAGE] and config.end_of_chunk_token == "</s>"
+    assert config.image_markup == f"{FAKE}{IMAGE}{FAKE}"
+    assert (config.xattn.norm, config.xattn.ff, config.xattn.gate, config.xattn.qk_norm) == ("rmsnorm", "swiglu",
+                                                                                             "vector", True)
+    assert config.resampler.activation == "relu" and config.resampler.qk_norm
+    assert len(model.tokenizer) == model.new_tokens.first_id + model.new_tokens.count  # no row without weights
+    assert (ckpt / "lm" / "config.json").is_file() and (ckpt / "encoder.safetensors").is_file()
+
+
+def broken_copy(source: Path, target: Path, change) -> Path:
+    shutil.copytree(source, target)
+    state = load_file(str(target / "model.safetensors"))
+    change(state)
+    save_file(state, str(target / "model.safetensors"))
+    return target
+
+
+BREAKS = {
+    "unknown": (lambda s: s.__setitem__("model.extra.weight", torch.zeros(2)), "unknown model.extra.weight"),
+    "missing": (lambda s: s.pop("model.gated_cross_attn_layers.1.cross_attn.k_proj.weight"),
+                "missing model.gated_cross_attn_layers.1.cross_attn.k_proj.weight"),
+    "mis-shaped": (lambda s: s.__setitem__("model.perceiver_resampler.blocks.0.1.fc.weight", torch.zeros(60, 16)),
+                   "wrong shape model.perceiver_resampler.blocks.0.1.fc.weight (file [60, 16], expected [64, 16]"),
+}
+
+
+@pytest.mark.parametrize("kind", BREAKS)
+def test_a_broken_file_is_one_error_naming_the_tensor(setups, tmp_path, kind):
+    from flamingo_cli.importers.idefics import import_idefics
+
+    change, message = BREAKS[kind]
+    broken = broken_copy(setups["A"][1], tmp_path / "broken", change)
+    with pytest.raises(CheckpointError) as e:
+        import_idefics(str(broken), tmp_path / "work")
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_cli_reports_a_broken_file_in_one_line(setups, tmp_path):
+    change, message = BREAKS["missing"]
+    broken = broken_copy(setups["A"][1], tmp_path / "broken", change)
+    r = subprocess.run([*FLAMINGO, "import", "idefics", str(broken), "-o", str(tmp_path / "x")], capture_output=True,
+                       text=True, env=ENV)
+    assert r.returncode != 0 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert message in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_without_the_resampler_the_import_refuses(setups, tmp_path):
+    from flamingo_cli.importers.idefics import import_idefics
+
+    folder = shutil.copytree(setups["A"][1], tmp_path / "raw")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "use_resampler": False}))
+    with pytest.raises(CheckpointError, match="use_resampler is false"):
+        import_idefics(str(folder), tmp_path / "work")
+
+
+def test_by_repo_id_from_the_hub_cache_the_import_is_the_same(setups, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from flamingo_cli.formats.checkpoint import save_checkpoint
+    from flamingo_cli.importers.idefics import import_idefics
+
+    _, source, _, ckpt = setups["A"]
+    hub_repo(tmp_path / "hub", "someone/tiny-idefics", source)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    model, _ = import_idefics("someone/tiny-idefics", tmp_path / "work")
+    by_id = save_checkpoint(model, tmp_path / "by-id", embed_lm=True, embed_encoder=True)
+    for name in ("model.safetensors", "encoder.safetensors"):
+        assert (by_id / name).read_bytes() == (ckpt / name).read_bytes()
