@@ -8,16 +8,20 @@ from .core import checkpoint_dir, preset_option, progress, quiet_libraries
 
 def _preset_entries_for(data: list[str], **named: tuple[str, ...]) -> list[list[str]]:
     """A preset's per-dataset weights and batches apply to its own datasets: when --data on the
-    command line replaces them, entries for datasets no longer present are dropped, not errors."""
+    command line replaces them, entries for datasets no longer present are dropped, not errors.
+    A NAME=VALUE flag overrides the preset's entry for that NAME only (--weight vtp=1.0 keeps the
+    preset's other weights), as a flag overrides one key of a preset."""
     from click.core import ParameterSource
 
     ctx = click.get_current_context()
     names = {item.partition("=")[0] for item in data}
+    preset = ctx.default_map or {}
     out = []
     for param, entries in named.items():
-        if ctx.get_parameter_source(param) == ParameterSource.DEFAULT_MAP:
-            entries = [e for e in entries if e.partition("=")[0] in names]
-        out.append(list(entries))
+        from_preset = entries if ctx.get_parameter_source(param) == ParameterSource.DEFAULT_MAP else [
+            e for e in preset.get(param) or () if e.partition("=")[0] not in {g.partition("=")[0] for g in entries}]
+        given = [] if from_preset is entries else list(entries)  # a flag naming no dataset stays an error
+        out.append([e for e in from_preset if e.partition("=")[0] in names] + given)
     return out
 
 
@@ -29,8 +33,10 @@ def _preset_entries_for(data: list[str], **named: tuple[str, ...]) -> list[list[
               help="Run directory: checkpoint/ and metrics.jsonl go here.")
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last checkpoint, exactly.")
 @click.option("--data", multiple=True, help="NAME=SHARDS: a dataset of webdataset shards (brace patterns allowed). Repeat.")
-@click.option("--weight", multiple=True, help="NAME=LAMBDA: the dataset's weight in the loss (default 1.0).")
-@click.option("--batch", multiple=True, help="NAME=B: the dataset's global batch size per step (default 8).")
+@click.option("--weight", multiple=True,
+              help="NAME=LAMBDA: the dataset's weight in the loss (default 1.0); replaces a preset's for NAME only.")
+@click.option("--batch", multiple=True,
+              help="NAME=B: the dataset's global batch size per step (default 8); replaces a preset's for NAME only.")
 @click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--lr", type=float, default=1e-4, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=5000, show_default=True,

@@ -161,6 +161,13 @@ def test_metrics_hold_losses_rates_and_every_gate(toy):
     assert rows[0]["gates"]["0"]["attn"] != 0.0, "gates move from 0 after the first step"
 
 
+def test_a_weight_flag_overrides_the_presets_weight_for_its_dataset_only(toy):
+    root, env = toy
+    run(args(1, "one-weight", "--weight", "docs=2.0"), root, env)
+    (row,) = metrics(root / "one-weight/metrics.jsonl")
+    assert row["weighted_loss"] == pytest.approx(0.2 * row["loss"]["pairs"] + 2.0 * row["loss"]["docs"])
+
+
 def test_training_from_features_never_loads_the_encoder(toy):
     root, env = toy
     # A real process whose encoder loaders fail if called.
