@@ -154,7 +154,8 @@ class TimedRun:
             return losses, tokens, examples
 
         self.trainer.accumulate = counting
-        self.streams = {s.name: ExampleStream(s, model.tokenizer, sampling, seed=0) for s in specs}
+        self.streams = {s.name: ExampleStream(s, model.tokenizer, sampling, seed=0, model_config=model.config)
+                        for s in specs}
         self.device, self.seconds, self.tokens = device, [], []
         run_dir.mkdir(parents=True)
 

@@ -134,7 +134,8 @@ class FlamingoConfig:
 
     def model_text(self, text: str) -> str:
         """Prompt text written with our markers (<image>, <|endofchunk|>) as this model was trained to
-        read it: its end-of-chunk token, and each image in its markup. Unchanged by default."""
+        read it: its end-of-chunk token, and each image in its markup. Unchanged by default. Training
+        samples (training.sampling) write their images and chunk ends through it too."""
         if self.end_of_chunk_token != END_OF_CHUNK_TOKEN:
             text = text.replace(END_OF_CHUNK_TOKEN, self.end_of_chunk_token)
         if self.image_markup is None:

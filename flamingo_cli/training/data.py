@@ -107,8 +107,10 @@ def _raw_samples(urls: list[str], seed: int, log) -> Iterator[dict]:
 BAD_SAMPLE = (ArtifactError, ValueError, KeyError, TypeError)
 
 
-def make_example(sample: dict, tokenizer, sampling: SamplingConfig, rng: random.Random, seed: int = 0):
+def make_example(sample: dict, tokenizer, sampling: SamplingConfig, rng: random.Random, seed: int = 0,
+                 model_config=None):
     """(Example or None, media, encoder) for one webdataset sample; BAD_SAMPLE errors if unusable.
+    Its tokens are written as `model_config` (the model's FlamingoConfig; None: the default) writes them.
     A raw video is decoded here, in the loader, into a Clip of sampling.video_frames frames
     sampling.video_fps apart, from a window seeded by `seed` and the video's bytes, within the
     record's start..end segment when KEY.json gives one."""
@@ -123,9 +125,9 @@ def make_example(sample: dict, tokenizer, sampling: SamplingConfig, rng: random.
         segments = record["segments"]
         if not isinstance(segments, list) or any(isinstance(s, int) and not 0 <= s < len(media) for s in segments):
             raise ArtifactError(f"{sample.get('__key__')}: segments refer to media it does not have")
-        example = interleaved_example(tokenizer, segments, rng, sampling)
+        example = interleaved_example(tokenizer, segments, rng, sampling, model_config)
     elif isinstance(record.get("caption"), str) and media:
-        example = pair_example(tokenizer, record["caption"], rng, sampling)
+        example = pair_example(tokenizer, record["caption"], rng, sampling, model_config)
     else:
         raise ArtifactError(f"{sample.get('__key__')}: neither a caption with an image nor segments")
     return example, media, encoder
@@ -141,13 +143,15 @@ def _clip(data: bytes, name: str, sampling: SamplingConfig, seed: int, span):
 
 class ExampleStream:
     """One dataset's stream of (Example, media) in global order, resumable at a position.
-    Every process reads every shard and returns the whole global batch (--split samples)."""
+    Every process reads every shard and returns the whole global batch (--split samples).
+    model_config: the model's FlamingoConfig, which writes its tokens (make_example)."""
 
     local = False
 
     def __init__(self, spec: DatasetSpec, tokenizer, sampling: SamplingConfig, *, seed: int, position: int = 0,
-                 log=None):
+                 log=None, model_config=None):
         self.spec, self.tokenizer, self.sampling, self.seed = spec, tokenizer, sampling, seed
+        self.model_config = model_config
         self.stats = DataStats(position=position)
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self._samples = _raw_samples(shard_urls(spec.pattern), seed, self.log)
@@ -163,7 +167,8 @@ class ExampleStream:
             self.stats.position += 1
             try:
                 rng = random.Random(f"{self.seed}\0{self.spec.name}\0{index}")
-                example, media, encoder = make_example(sample, self.tokenizer, self.sampling, rng, self.seed)
+                example, media, encoder = make_example(sample, self.tokenizer, self.sampling, rng, self.seed,
+                                                       self.model_config)
             except BAD_SAMPLE as e:
                 self.stats.bad += 1
                 self.log(f"flamingo pretrain: {self.spec.name}: skipping sample {index}: {e}")
@@ -179,8 +184,10 @@ class _ShardWorkerSamples(torch.utils.data.IterableDataset):
     """Runs in each DataLoader worker: this process's and this worker's shards of every epoch,
     dealt by webdataset's split_by_node and split_by_worker, decoded into examples."""
 
-    def __init__(self, spec: DatasetSpec, urls: list[str], tokenizer, sampling: SamplingConfig, seed: int):
+    def __init__(self, spec: DatasetSpec, urls: list[str], tokenizer, sampling: SamplingConfig, seed: int,
+                 model_config):
         self.spec, self.urls, self.tokenizer, self.sampling, self.seed = spec, urls, tokenizer, sampling, seed
+        self.model_config = model_config
 
     def __iter__(self):
         from webdataset.shardlists import split_by_node, split_by_worker
@@ -198,7 +205,7 @@ class _ShardWorkerSamples(torch.utils.data.IterableDataset):
                 try:
                     example, media, encoder = make_example(
                         sample, self.tokenizer, self.sampling, random.Random(f"{self.seed}\0{self.spec.name}\0{key}"),
-                        self.seed)
+                        self.seed, self.model_config)
                 except BAD_SAMPLE as e:
                     yield ("bad", str(e))
                     continue
@@ -221,12 +228,12 @@ class ShardStream:
     """--split shards: each process reads only its shards and DataLoader workers decode them
     while the model trains. Batches are per process (B / processes), so which examples meet in
     a global batch depends on the process and worker counts: runs with different counts agree
-    statistically, not exactly. Resuming with the same counts is exact."""
+    statistically, not exactly. Resuming with the same counts is exact. model_config: as ExampleStream's."""
 
     local = True
 
     def __init__(self, spec: DatasetSpec, tokenizer, sampling: SamplingConfig, *, seed: int, world: int,
-                 workers: int, position: int = 0, log=None):
+                 workers: int, position: int = 0, log=None, model_config=None):
         urls = shard_urls(spec.pattern)
         readers = world * max(1, workers)
         if len(urls) < readers:
@@ -238,7 +245,7 @@ class ShardStream:
         self.spec, self.batch = spec, spec.batch // world
         self.stats = DataStats()
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
-        loader = torch.utils.data.DataLoader(_ShardWorkerSamples(spec, urls, tokenizer, sampling, seed),
+        loader = torch.utils.data.DataLoader(_ShardWorkerSamples(spec, urls, tokenizer, sampling, seed, model_config),
                                              batch_size=None, num_workers=workers, collate_fn=_as_is)
         self._items = iter(loader)
         for _ in range(position):

@@ -58,10 +58,12 @@ def pretrain(start: str | Path, run_dir: str | Path, specs: list[DatasetSpec], s
         truncate_metrics(run, trainer.step)
     if split == "shards":
         streams = {s.name: ShardStream(s, model.tokenizer, sampling, seed=config.seed, world=dist.world,
-                                       workers=workers, position=trainer.positions[s.name], log=log) for s in specs}
+                                       workers=workers, position=trainer.positions[s.name], log=log,
+                                       model_config=model.config) for s in specs}
     else:
         streams = {s.name: ExampleStream(s, model.tokenizer, sampling, seed=config.seed,
-                                         position=trainer.positions[s.name], log=log) for s in specs}
+                                         position=trainer.positions[s.name], log=log, model_config=model.config)
+                   for s in specs}
     with (progress or (lambda total, initial: contextlib.nullcontext()))(config.steps, trainer.step) as bar:
         trainer.train(streams, bar)
     if dist.world > 1:

@@ -4,9 +4,12 @@
                         a random window of 256 tokens, its first 5 images kept
     pairs:              <BOS><image>caption<EOC><EOS>, a leading space on the caption w.p. 1/2
 
-<image> and <|endofchunk|> (EOC) are spliced in by id, never produced by tokenizing text:
-text is tokenized with the special tokens split, so a web page that literally contains
-"<image>" can neither inject an image slot nor desynchronise `media` from the sequence.
+<image> and <|endofchunk|> (EOC) are written as the model's config writes them at inference
+(FlamingoConfig.model_text: IDEFICS's markup around each image, its own end-of-chunk token), so a
+model trains on the sequences it is prompted with. They are spliced in by id, never produced by
+tokenizing the document's text: text is tokenized with the special tokens split, so a web page
+that literally contains "<image>" can neither inject an image slot nor desynchronise `media`
+from the sequence.
 
 Randomness comes only from the `random.Random` passed in, and each function draws a fixed
 number of times (pairs: one; documents: two), so the trainer's per-sample seeded generator
@@ -15,11 +18,13 @@ reproduces the same samples bitwise when training resumes.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
-from ..model.config import END_OF_CHUNK_TOKEN, IMAGE_TOKEN
+from ..errors import ConfigError
+from ..model.config import IMAGE_TOKEN, FlamingoConfig
 
 IGNORE = -100  # label of positions that carry no loss (`lm_loss` ignores it)
 
@@ -51,58 +56,83 @@ class Example:
     next_image: bool  # True: text attends to the next image; False: to the previous one
 
 
-def pair_example(tokenizer, caption: str, rng: random.Random, config: SamplingConfig) -> Example:
+@dataclass
+class _Marks:
+    """A model's ids for what the sampler splices in."""
+    markup: list[int]  # an image as the model reads it: [image] alone, or its markup around it
+    eoc: int  # the end of a chunk
+
+
+def pair_example(tokenizer, caption: str, rng: random.Random, config: SamplingConfig,
+                 model_config: FlamingoConfig | None = None) -> Example:
     """`<BOS><image>caption<EOC><EOS>` for one image-text pair (BOS only where the tokenizer
-    adds one). Draws once from `rng`: the leading-space coin."""
-    image, eoc = _flamingo_ids(tokenizer)
+    adds one), written as `model_config` writes it (None: the default config). Draws once from
+    `rng`: the leading-space coin."""
+    marks = _marks(tokenizer, model_config)
     # The space makes the model robust to both ways a prompt may continue after <image>.
     if rng.random() < config.p_space:
         caption = " " + caption
     text = _text_ids(tokenizer, caption)[: config.max_caption_tokens]
+    tail = [*text, marks.eoc, *_eos(tokenizer)]
     # A pair has its image before the text, so it needs no p_next coin.
-    return _example(tokenizer, [image, *text, eoc, *_eos(tokenizer)], image, media=[0], next_image=False)
+    return _example(tokenizer, marks.markup + tail, [0] * len(marks.markup) + [None] * len(tail), media=[0],
+                    next_image=False)
 
 
-def interleaved_example(tokenizer, segments: list, rng: random.Random, config: SamplingConfig) -> Example | None:
+def interleaved_example(tokenizer, segments: list, rng: random.Random, config: SamplingConfig,
+                        model_config: FlamingoConfig | None = None) -> Example | None:
     """A random window of an interleaved document. `segments` are text (str) and media
     (int: index into the document's media). Returns None when the window holds no image.
-    Draws twice from `rng`, always in this order: the p_next coin, then the window start."""
-    image, _ = _flamingo_ids(tokenizer)
+    The window counts every token, an image's markup included. It keeps an image whose whole
+    markup it holds, the first max_images of them, and drops the others' markup tokens (an image
+    cut at an edge goes), so no markup is left half or without its image. Draws twice from
+    `rng`, always in this order: the p_next coin, then the window start."""
+    marks = _marks(tokenizer, model_config)
     next_image = rng.random() < config.p_next
-    body, doc_media = document_ids(tokenizer, segments)
+    body, owners, doc_media = _document(tokenizer, segments, marks)
 
     # One draw even when the document fits, so every document consumes the same draws.
     start = int(rng.random() * (max(len(body) - config.window, 0) + 1))
-    window = body[start : start + config.window]
-    window_media = doc_media[body[:start].count(image) :]
-
-    ids, media = [], []
-    for token in window:
-        if token == image:
-            if len(media) == config.max_images:
-                continue  # only the first max_images images of a window are kept
-            media.append(window_media[len(media)])
-        ids.append(token)
-    if not media:
+    ids, owners = body[start : start + config.window], owners[start : start + config.window]
+    # An image is in the window with its whole markup or not at all; the first max_images are kept.
+    counts = Counter(owner for owner in owners if owner is not None)
+    held = [owner for owner, count in counts.items() if count == len(marks.markup)][: config.max_images]
+    if not held:
         return None
-    return _example(tokenizer, ids, image, media, next_image)
+    kept = [i for i, owner in enumerate(owners) if owner is None or owner in held]
+    return _example(tokenizer, [ids[i] for i in kept], [owners[i] for i in kept], [doc_media[o] for o in held],
+                    next_image)
 
 
-def document_ids(tokenizer, segments: list) -> tuple[list[int], list[int]]:
+def document_ids(tokenizer, segments: list, model_config: FlamingoConfig | None = None) -> tuple[list[int], list[int]]:
     """The whole document's tokens (no BOS) and the medium of each <image>, in order:
     EOC goes before each image (none at the very start) and at the end, then EOS."""
-    image, eoc = _flamingo_ids(tokenizer)
-    ids, media = [], []
+    ids, _, media = _document(tokenizer, segments, _marks(tokenizer, model_config))
+    return ids, media
+
+
+def _document(tokenizer, segments: list, marks: _Marks) -> tuple[list[int], list[int | None], list[int]]:
+    """document_ids, plus the owner of each token: the number of the image (0, 1, ... in the
+    document) whose markup it is, None for text, EOC and EOS."""
+    ids, owners, media = [], [], []
+
+    def add(tokens: list[int], owner: int | None = None) -> None:
+        ids.extend(tokens)
+        owners.extend([owner] * len(tokens))
+
     for segment in segments:
         if isinstance(segment, str):
-            ids += _text_ids(tokenizer, segment)
+            add(_text_ids(tokenizer, segment))
         elif isinstance(segment, int) and not isinstance(segment, bool):
             # EOC closes the chunk before the image; an image opening the document closes nothing.
-            ids += [eoc, image] if ids else [image]
+            # So images are never adjacent here, and markup is never shared between two.
+            add([marks.eoc] if ids else [])
+            add(marks.markup, owner=len(media))
             media.append(segment)
         else:
             raise TypeError(f"a document segment is text (str) or a media index (int), got {type(segment).__name__}")
-    return ids + [eoc, *_eos(tokenizer)], media
+    add([marks.eoc, *_eos(tokenizer)])
+    return ids, owners, media
 
 
 def collate(examples: list[Example], pad_id: int) -> dict:
@@ -122,21 +152,27 @@ def collate(examples: list[Example], pad_id: int) -> dict:
     }
 
 
-def _example(tokenizer, ids: list[int], image: int, media: list[int], next_image: bool) -> Example:
+def _example(tokenizer, ids: list[int], owners: list[int | None], media: list[int], next_image: bool) -> Example:
     """Prepends BOS where the tokenizer adds one and labels the sequence: no loss on BOS
-    (nothing predicts it) or on <image> (the model is handed images, it does not write them);
-    text, EOC (the model must learn to end chunks) and EOS keep theirs."""
-    labels = [IGNORE if token == image else token for token in ids]
+    (nothing predicts it) or on an image's tokens, <image> and its markup (the model is handed
+    images, it does not write them); text, EOC (the model must learn to end chunks) and EOS
+    keep theirs."""
+    labels = [token if owner is None else IGNORE for token, owner in zip(ids, owners)]
     if _adds_bos(tokenizer):
         ids, labels = [tokenizer.bos_token_id, *ids], [IGNORE, *labels]
     return Example(input_ids=ids, labels=labels, media=media, next_image=next_image)
 
 
-def _flamingo_ids(tokenizer) -> tuple[int, int]:
-    ids = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, END_OF_CHUNK_TOKEN])
+def _marks(tokenizer, model_config: FlamingoConfig | None) -> _Marks:
+    config = model_config or FlamingoConfig()
+    ids = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, config.end_of_chunk_token])
     if any(i is None or i == tokenizer.unk_token_id for i in ids):
-        raise ValueError(f"the tokenizer lacks {IMAGE_TOKEN} or {END_OF_CHUNK_TOKEN}; build the Flamingo model first")
-    return ids[0], ids[1]
+        # Not a bad sample (those are skipped): every sample would fail alike, so the run stops.
+        raise ConfigError(f"the tokenizer lacks {IMAGE_TOKEN} or {config.end_of_chunk_token}; build the Flamingo "
+                         "model first, and sample with its config")
+    # The markup is tokenized as inference tokenizes a prompt's <image>: it is ours, not the document's text.
+    markup = tokenizer(config.model_text(IMAGE_TOKEN), add_special_tokens=False).input_ids
+    return _Marks(markup=markup, eoc=ids[1])
 
 
 def _text_ids(tokenizer, text: str) -> list[int]:

@@ -3,6 +3,7 @@ import random
 import pytest
 import torch
 
+from flamingo_cli.errors import ConfigError
 from flamingo_cli.training.sampling import (
     IGNORE, Example, SamplingConfig, collate, document_ids, interleaved_example, pair_example,
 )
@@ -286,5 +287,5 @@ def test_tokenizer_without_flamingo_tokens(lm_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(lm_dir("gpt2"))
-    with pytest.raises(ValueError, match="<image>"):
+    with pytest.raises(ConfigError, match="<image>"):
         pair_example(tokenizer, CAPTION, random.Random(0), SamplingConfig())
