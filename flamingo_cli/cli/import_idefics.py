@@ -19,9 +19,10 @@ def import_idefics(checkpoint, revision, lm_dtype, out):
 
     The checkpoint is self-contained: its LM is the file's LLaMA, written as a plain
     LlamaForCausalLM with IDEFICS's tokenizer (lm/), and its encoder is the file's vision tower in
-    timm's layout (encoder.safetensors). Prompts keep our markup: each <image> is written as
-    IDEFICS's processor writes it, and <|endofchunk|> becomes the model's end of text. Every
-    tensor in the file is imported; anything missing, unknown or mis-shaped is an error that names it.
+    timm's layout (encoder.safetensors). Prompts and training documents keep our markup: each
+    <image> is written as IDEFICS's processor writes it, and <|endofchunk|> becomes the model's
+    end of text. Every tensor in the file is imported; anything missing, unknown or mis-shaped is
+    an error that names it.
     """
     import tempfile
     from pathlib import Path
