@@ -46,6 +46,21 @@ def icl_accuracy(model, tokenizer, labels, *, ways: int, shots: int, episodes: i
     return right / episodes
 
 
+@torch.no_grad()
+def icl_generate_accuracy(model, tokenizer, labels, *, ways: int, shots: int, episodes: int, seed: int) -> float:
+    """Fraction of text episodes where greedy decoding writes the right label word: unlike
+    ranking, this fails when the LM completes a word from memory instead of the context."""
+    rng = random.Random(seed)
+    right = 0
+    for _ in range(episodes):
+        prompt, answer, _ = world.text_episode(rng, labels=labels, ways=ways, shots=shots)
+        head = tokenizer(prompt).input_ids
+        n = len(tokenizer(" " + answer).input_ids)
+        out = model.generate(torch.tensor([head]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        right += tokenizer.decode(out[0, len(head):]).replace(" ", "") == answer
+    return right / episodes
+
+
 def continuation_logprob(model, tokenizer, prompt: str, continuation: str) -> float:
     head = tokenizer(prompt).input_ids
     ids = torch.tensor([head + tokenizer(continuation).input_ids])
@@ -103,6 +118,8 @@ def main() -> None:
                                                       episodes=n, seed=10_001),
            "held_out_labels_4way_8shot": icl_accuracy(model, tokenizer, world.HELD_OUT_LABELS, ways=4, shots=8,
                                                       episodes=n, seed=10_002),
+           "held_out_labels_2way_4shot_generate": icl_generate_accuracy(
+               model, tokenizer, world.HELD_OUT_LABELS, ways=2, shots=4, episodes=n, seed=10_003),
            "held_out_labels_2way_0shot_chance": 0.5, "steps": args.steps, "episodes": n}
     (out / "icl.json").write_text(json.dumps(icl, indent=1) + "\n")
     print(json.dumps(icl), file=sys.stderr)

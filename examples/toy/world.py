@@ -51,14 +51,18 @@ WORDS = ["a", "an", "is", "the", "of", "and", "this", "This", "picture", "shows"
          "Which", "way", "does", "slide", "slides", *DIRECTIONS, "become", "becomes"]
 
 
-def _label_words() -> tuple[list[str], list[str]]:
-    """Two-syllable nonsense words, split once and for all into training and held-out sets."""
+def _label_words() -> tuple[list[str], list[str], list[str]]:
+    """Two-syllable nonsense words, split once and for all into training and held-out sets,
+    and every word not held out, for the LM's text."""
     words = sorted({a + b for a in SYLLABLES for b in SYLLABLES if a != b} - set(WORDS))
     random.Random(1234).shuffle(words)
-    return words[:400], words[400:600]
+    return words[:400], words[400:600], words[:400] + words[600:]
 
 
-TRAIN_LABELS, HELD_OUT_LABELS = _label_words()
+# The LM's episodes bind words from thousands, not the 400 of the documents: over only those,
+# an LM can learn each one's second syllable from its first instead of copying it from the
+# context, and then turns a held-out "veni" into a training word "veso".
+TRAIN_LABELS, HELD_OUT_LABELS, TEXT_LABELS = _label_words()
 
 
 def article(word: str) -> str:
@@ -300,7 +304,7 @@ def lm_sample(rng: random.Random, vocabulary: list[str]) -> str:
     if r < 0.3:
         return repeated_span(rng, vocabulary)
     if r < 0.75:
-        prompt, answer, _ = text_episode(rng)
+        prompt, answer, _ = text_episode(rng, labels=TEXT_LABELS)
         return f"{prompt} {answer} ."
     return world_text(rng)
 

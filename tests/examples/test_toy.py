@@ -29,12 +29,18 @@ def test_held_out_words_and_combinations_never_reach_training_text(tmp_path):
     assert not held_out_labels & set(world.TRAIN_LABELS)
     assert not set(world.TEST_COMBOS) & set(world.TRAIN_COMBOS)
 
+    assert not held_out_labels & set(world.TEXT_LABELS) and set(world.TRAIN_LABELS) < set(world.TEXT_LABELS)
+
     rng = random.Random(0)
     vocabulary = world.WORDS + world.SYLLABLES + world.TRAIN_LABELS
+    words = set()
     for _ in range(3000):
         text = world.lm_sample(rng, vocabulary)
         assert not set(text.split()) & held_out_labels, text
         assert not any(item in text for item in held_out_items), text
+        words |= set(text.split())
+    # the LM's episodes bind words beyond the documents' 400, so it must copy them, not recall them
+    assert len(words & (set(world.TEXT_LABELS) - set(world.TRAIN_LABELS))) > 1000
 
     subprocess.run([sys.executable, str(TOY / "make_data.py"), str(tmp_path), "--pairs", "200", "--docs", "100",
                     "--videos", "40"], check=True)
@@ -114,7 +120,8 @@ def test_tiny_recipe_runs_end_to_end(tmp_path):
                        env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
 
-    assert json.loads((out / "lm" / "icl.json").read_text())["steps"] == 2
+    icl = json.loads((out / "lm" / "icl.json").read_text())
+    assert icl["steps"] == 2 and 0 <= icl["held_out_labels_2way_4shot_generate"] <= 1
     metrics = [json.loads(line) for line in (out / "encoder" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     run_metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
