@@ -181,7 +181,7 @@ def bench_score(model, media, peak):
         first = prefix.logits[0, -1].log_softmax(-1)
 
         def one(answer):  # OpenFlamingo's loop: a copied context cache, the media's K/V recomputed
-            tokens = torch.tensor([candidate_ids(model.tokenizer, CONTINUATION, answer)])
+            tokens = torch.tensor([candidate_ids(model, CONTINUATION, answer)])
             out = model(tokens[:, :-1], visual, images_before=torch.tensor([5]), cache=copy.deepcopy(cache),
                         use_cache=True)
             logp = out.logits[0].log_softmax(-1).gather(-1, tokens[0, 1:, None]).sum()

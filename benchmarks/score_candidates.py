@@ -64,7 +64,7 @@ def naive_scores(model, prompt_ids, visual, answers: list[str]) -> list[float]:
     """The baseline: the whole prompt + candidate through the model, once per candidate."""
     scores = []
     for answer in answers:
-        tokens = torch.tensor([candidate_ids(model.tokenizer, CONTINUATION, answer)])
+        tokens = torch.tensor([candidate_ids(model, CONTINUATION, answer)])
         logits = model(torch.cat([prompt_ids, tokens], dim=1), visual).logits
         logp = logits[0, prompt_ids.shape[1] - 1:-1].float().log_softmax(-1)  # position i predicts token i + 1
         scores.append(float(logp.gather(-1, tokens[0, :, None]).sum()))

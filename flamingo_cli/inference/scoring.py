@@ -196,7 +196,8 @@ def _score_prompts(model, prompts: list[_Prompt], token_ids: list[list[int]], ba
     resets = model.reset_token_id is not None and any(model.reset_token_id in ids[:-1] for ids in token_ids)
     run = _flat_chunk if model.lm.config._attn_implementation == "sdpa" and not resets else _row_chunk
     # Only candidates of 2+ tokens need a forward: the last token of each predicts nothing we score.
-    todo = sorted((j for j, ids in enumerate(token_ids) if len(ids) > 1), key=lambda j: len(token_ids[j]))
+    # In token order, candidates that share a prefix fall in one chunk, where the trie runs it once.
+    todo = sorted((j for j, ids in enumerate(token_ids) if len(ids) > 1), key=lambda j: token_ids[j])
     for start in range(0, len(todo), per_chunk):
         chunk = todo[start:start + per_chunk]
         totals[:, chunk] += run(model, stack, [token_ids[j] for j in chunk], device)
@@ -228,19 +229,37 @@ class _Stack:
 
 
 def _flat_chunk(model, stack: _Stack, chunk: list[list[int]], device) -> torch.Tensor:
-    """(g, len(chunk)) summed log-probs of candidate tokens 2.. of each candidate after each prompt."""
+    """(g, len(chunk)) summed log-probs of candidate tokens 2.. of each candidate after each prompt.
+
+    The chunk's candidates are one sequence per prompt laid out as a trie: a prefix that several
+    candidates share ("a red" of "a red circle" and "a red square") is one position, attending to
+    the prompt and to its own earlier tokens (its ancestors), and its log-probs serve them all."""
     g, P = len(stack.prompts), stack.length
-    inputs = [t for ids in chunk for t in ids[:-1]]
+    nodes: dict[tuple[int, ...], int] = {}  # each candidate's input prefix -> its position
+    tokens, parents, depth = [], [], []
+    for ids in chunk:
+        for d in range(len(ids) - 1):
+            key = tuple(ids[:d + 1])
+            if key not in nodes:
+                nodes[key] = len(tokens)
+                tokens.append(ids[d])
+                parents.append(nodes[key[:-1]] if d else -1)
+                depth.append(d)
+    q = len(tokens)
+    own = torch.zeros(q, q, dtype=torch.bool)
+    for i, parent in enumerate(parents):  # parents come first: a prefix is added before its extensions
+        if parent >= 0:
+            own[i] = own[parent]
+        own[i, i] = True
+    own = own.to(device)
+    at = torch.tensor([nodes[tuple(ids[:d + 1])] for ids in chunk for d in range(len(ids) - 1)], device=device)
     targets = torch.tensor([t for ids in chunk for t in ids[1:]], device=device)
     owner = torch.tensor([j for j, ids in enumerate(chunk) for _ in ids[:-1]], device=device)
-    offset = torch.tensor([i for ids in chunk for i in range(len(ids) - 1)], device=device)
-    q = len(inputs)
-    own = (owner[:, None] == owner[None, :]) & (offset[None, :] <= offset[:, None])  # (q, q) block-causal
     mask = torch.cat([stack.valid[:, None, :].expand(g, q, P), own.expand(g, q, q)], dim=-1)[:, None]
-    out = model(torch.tensor([inputs], device=device).expand(g, q), stack.visual, attention_mask=mask,
-                position_ids=stack.lengths[:, None] + offset, images_before=stack.images,
-                cache=as_cache(stack.states), use_cache=True)
-    logp = out.logits.float().log_softmax(-1).gather(-1, targets.expand(g, q)[..., None]).squeeze(-1)  # (g, q)
+    out = model(torch.tensor([tokens], device=device).expand(g, q), stack.visual, attention_mask=mask,
+                position_ids=stack.lengths[:, None] + torch.tensor(depth, device=device),
+                images_before=stack.images, cache=as_cache(stack.states), use_cache=True)
+    logp = out.logits.float().log_softmax(-1)[:, at, targets]  # (g, tokens scored)
     return torch.zeros(g, len(chunk), device=device).index_add_(1, owner, logp)
 
 

@@ -80,8 +80,28 @@ def test_the_prompt_runs_once(make_model, batch_size):
     assert len(lengths) == 2 + math.ceil(len(CANDIDATES) / batch_size)
     ids = prompt_ids[0].tolist()
     assert lengths[:2] == [len(ids) - 1 - ids[::-1].index(model.image_token_id), ids[::-1].index(model.image_token_id) + 1]
-    # Later calls run candidate tokens only, laid end to end: no padding, the prompt never again.
-    assert sum(lengths[2:]) == sum(len(candidate_tokens(model, c)) - 1 for c in CANDIDATES)
+    # Later calls run candidate tokens only, laid end to end: no padding, the prompt never again,
+    # and a prefix that candidates of one chunk share (in token order) once.
+    tokens = sorted(candidate_tokens(model, c) for c in CANDIDATES)
+    chunks = [tokens[i:i + batch_size] for i in range(0, len(tokens), batch_size)]
+    assert sum(lengths[2:]) == sum(len({tuple(t[:d + 1]) for t in chunk for d in range(len(t) - 1)}) for chunk in chunks)
+    assert batch_size < len(CANDIDATES) or sum(lengths[2:]) < sum(len(t) - 1 for t in tokens)
+
+
+def test_shared_prefixes_run_once_and_score_as_alone(make_model):
+    model = make_model("llama", gates=0.5)
+    prompt_ids, visual = prompt_of(model)
+    candidates = [f"a {size} {colour} {shape}" for size in ("small", "large") for colour in ("red", "blue", "green")
+                  for shape in ("circle", "square")]
+    lengths = []
+    handle = model.lm.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    got = score_candidates(model, prompt_ids, visual, candidates, batch_size=64)
+    handle.remove()
+    assert got == pytest.approx(naive_scores(model, prompt_ids, visual, candidates), abs=1e-4)
+    # " a", its 2 sizes, 6 size-colours and 12 shapes each once (the end-of-chunk token predicts nothing)
+    prefixes = {tuple(t[:d + 1]) for t in (candidate_tokens(model, c) for c in candidates) for d in range(len(t) - 1)}
+    assert lengths[2:] == [len(prefixes)] and len(prefixes) < sum(len(candidate_tokens(model, c)) - 1 for c in candidates)
 
 
 def test_the_images_matter(make_model):
