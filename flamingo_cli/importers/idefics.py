@@ -69,12 +69,10 @@ def read_config(folder: Path):
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder}: no config.json: not a transformers checkpoint")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if raw.get("model_type") != "idefics":
-        raise CheckpointError(f"{path}: model_type is {raw.get('model_type')!r}, not 'idefics'")
+    raw = _json(path)
+    if not isinstance(raw, dict) or raw.get("model_type") != "idefics":
+        kind = raw.get("model_type") if isinstance(raw, dict) else None
+        raise CheckpointError(f"{path}: model_type is {kind!r}, not 'idefics'")
     from transformers import IdeficsConfig
 
     return IdeficsConfig.from_dict(raw)
@@ -86,13 +84,20 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         index = folder / f"{name}.index.json"
         if index.is_file():
             try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError):
+                shards = sorted(set(_json(index)["weight_map"].values()))
+            except (KeyError, AttributeError, TypeError):
                 raise CheckpointError(f"{index}: not a weight index (no weight_map)") from None
             return {k: v for shard in shards for k, v in read_state_file(folder / shard).items()}
         if (folder / name).is_file():
             return read_state_file(folder / name)
     raise CheckpointError(f"{folder}: no weights ({', '.join(WEIGHTS)}, or their .index.json)")
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not readable JSON ({e})") from None
 
 
 @dataclass
@@ -328,7 +333,9 @@ def import_idefics(name: str, workdir: str | Path, *, revision: str | None = Non
         raise CheckpointError(f"{source}: cannot load its tokenizer ({str(e).splitlines()[0][:200]})") from None
     tokens = read_tokens(tokenizer, hf.vocab_size, hf.additional_vocab_size, source)
     processor_file = folder / "preprocessor_config.json"
-    processor = json.loads(processor_file.read_text()) if processor_file.is_file() else None
+    processor = _json(processor_file) if processor_file.is_file() else None
+    if processor is not None and not isinstance(processor, dict):
+        raise CheckpointError(f"{processor_file}: expected a JSON object")
     config = flamingo_config(hf, tokens, processor, source)
     llama_cfg = llama_config(hf, source)
     tied = bool(hf.tie_word_embeddings)

@@ -249,6 +249,19 @@ def test_without_the_resampler_the_import_refuses(setups, tmp_path):
         import_idefics(str(folder), tmp_path / "work")
 
 
+@pytest.mark.parametrize("name, text", [("config.json", "{not json"), ("config.json", "[1]"),
+                                         ("preprocessor_config.json", b"\xff\xfe"),
+                                         ("preprocessor_config.json", "[]")])
+def test_a_broken_json_file_is_one_error_naming_it(setups, tmp_path, name, text):
+    from flamingo_cli.importers.idefics import import_idefics
+
+    folder = shutil.copytree(setups["A"][1], tmp_path / "raw")
+    (folder / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(CheckpointError) as e:
+        import_idefics(str(folder), tmp_path / "work")
+    assert str(e.value).startswith(str(folder / name)) and "\n" not in str(e.value)
+
+
 def test_by_repo_id_from_the_hub_cache_the_import_is_the_same(setups, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
