@@ -1,5 +1,6 @@
 """The shipped presets: init presets load strictly, pretrain presets name real options, and the
 SLURM launcher's dry run prints the command it would run without running anything."""
+import dataclasses
 import os
 import re
 import shutil
@@ -78,6 +79,41 @@ def test_openflamingo_init_presets(name):
     x = config.xattn
     assert (x.every, x.placement, x.heads, x.dim_head, x.ff_mult, x.masking) == (
         every, "openflamingo", 8, 64, 4, "last_image")
+
+
+# Released IDEFICS models: (LM hidden, FFN width, layers, heads, RMSNorm eps, LM hub id) -- LLaMA's published sizes.
+IDEFICS = {"idefics-9b": (4096, 11008, 32, 32, 1e-6, "huggyllama/llama-7b"),
+           "idefics-80b": (8192, 22016, 80, 64, 1e-5, "huggyllama/llama-65b")}
+
+
+@pytest.mark.parametrize("name", [f"{n}{v}" for n in sorted(IDEFICS) for v in ("", "-instruct")])
+def test_idefics_init_presets_are_what_the_importer_builds(name):
+    """An IDEFICS preset is the config `import idefics` derives from a checkpoint of that shape, with
+    the tower's timm weights named: so a model inited from it and one imported line up."""
+    import timm
+    from transformers import IdeficsConfig
+
+    from flamingo_cli.importers.idefics import END_OF_UTTERANCE, FAKE_TOKEN, Tokens, flamingo_config
+
+    hidden, ffn, layers, heads, eps, lm = IDEFICS[name.removesuffix("-instruct")]
+    hf = IdeficsConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
+                       rms_norm_eps=eps, cross_layer_interval=4, qk_layer_norms=True, use_resampler=True,
+                       vocab_size=32000, additional_vocab_size=2,
+                       vision_config=dict(embed_dim=1280, image_size=224, intermediate_size=5120, patch_size=14,
+                                          num_hidden_layers=32, num_attention_heads=16, hidden_act="gelu"),
+                       perceiver_config=dict(resampler_n_latents=64, resampler_depth=6, resampler_n_heads=16,
+                                             resampler_head_dim=96, qk_layer_norms_perceiver=True))
+    instruct = name.endswith("-instruct")
+    tokens = Tokens([FAKE_TOKEN, "<image>", *([END_OF_UTTERANCE] if instruct else [])],
+                    END_OF_UTTERANCE if instruct else "</s>")
+    imported = flamingo_config(hf, tokens, None, name)
+    preset = FlamingoConfig.from_yaml((STAGES / "init" / f"{name}.yaml").read_text(encoding="utf-8"))
+    assert preset.encoder.name == imported.encoder.name + ".laion2b" and preset.encoder.pretrained
+    assert preset.encoder.name in timm.list_pretrained("vit_huge_patch14_clip_224*")
+    assert preset.lm.path == lm
+    assert dataclasses.replace(preset, encoder=dataclasses.replace(preset.encoder, name=imported.encoder.name,
+                                                                   pretrained=False),
+                               lm=imported.lm) == imported
 
 
 # -- pretrain -------------------------------------------------------------------------------------

@@ -31,26 +31,27 @@ PROMPTS = ["a red circle<image>What colour is the shape? red</s>What shape<image
 IMAGES = [2, 3]
 
 
-def tiny_tokenizer_with_image_tokens():
-    """The project's tiny BPE, adding <s> as LLaMA's does, with IDEFICS's two tokens after its vocabulary."""
+def tiny_tokenizer_with_image_tokens(extra=()):
+    """The project's tiny BPE, adding <s> as LLaMA's does, with IDEFICS's two tokens (and `extra`, as an
+    instruct model's <end_of_utterance>) after its vocabulary."""
     from tokenizers import processors
 
     from flamingo_cli.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
     vocab = len(tok)
-    tok.add_tokens([FAKE, IMAGE], special_tokens=True)  # ids vocab, vocab + 1
+    tok.add_tokens([FAKE, IMAGE, *extra], special_tokens=True)  # ids vocab, vocab + 1, ...
     tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     return tok, vocab
 
 
-def tiny_idefics(directory: Path, *, qk: bool, alpha: str, every: int, seed: int = 0):
+def tiny_idefics(directory: Path, *, qk: bool, alpha: str, every: int, seed: int = 0, extra=()):
     from transformers import IdeficsConfig, IdeficsForVisionText2Text
 
-    tok, vocab = tiny_tokenizer_with_image_tokens()
+    tok, vocab = tiny_tokenizer_with_image_tokens(extra)
     torch.manual_seed(seed)
     config = IdeficsConfig(
-        vocab_size=vocab, additional_vocab_size=2, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+        vocab_size=vocab, additional_vocab_size=2 + len(extra), hidden_size=32, intermediate_size=48, num_hidden_layers=4,
         num_attention_heads=4, cross_layer_interval=every, max_position_embeddings=128, use_resampler=True,
         qk_layer_norms=qk, alpha_type=alpha, alpha_initializer="zeros",  # "normal" crashes for float gates
         bos_token_id=0, eos_token_id=1, pad_token_id=1,
@@ -188,6 +189,57 @@ def test_prompts_are_tokenized_as_idefics_processor_tokenizes_them(setups):
     ours = tokenize_prompts(model, ["a red circle<image><image>What colour is the shape?<image>red"]).input_ids[0]
     assert ours == theirs
     assert f"circle{FAKE}{IMAGE}{FAKE}{IMAGE}{FAKE}What" in model.tokenizer.decode(ours).replace(" ", "")
+
+
+# One demonstration and a query in each template, as the items IdeficsProcessor takes: the templates'
+# text is what IDEFICS's own processor writes for the documented prompt forms.
+SHOT = {"id": "s", "question": "What colour is it?", "answer": "red", "caption": "a red circle"}
+QUERY = {"id": "q", "question": "What shape is it?"}
+TEMPLATE_ITEMS = {
+    "idefics-vqa": ["User:", None, "What colour is it?\nAssistant: red\n", "User:", None,
+                    "What shape is it?\nAssistant:"],
+    "idefics-captioning": ["User:", None, "Describe this image.\nAssistant: a red circle\n", "User:", None,
+                           "Describe this image.\nAssistant:"],
+    "idefics-instruct-vqa": ["User:", None, "What colour is it?<end_of_utterance>",
+                             "\nAssistant: red<end_of_utterance>", "\nUser:", None,
+                             "What shape is it?<end_of_utterance>", "\nAssistant:"],
+    "idefics-instruct-captioning": ["User:", None, "Describe this image.<end_of_utterance>",
+                                    "\nAssistant: a red circle<end_of_utterance>", "\nUser:", None,
+                                    "Describe this image.<end_of_utterance>", "\nAssistant:"],
+}
+
+
+@pytest.fixture(scope="module")
+def instruct_model(tmp_path_factory):
+    """A tiny IDEFICS whose tokenizer holds <end_of_utterance>, imported: an instruct model's layout."""
+    from flamingo_cli.importers.idefics import END_OF_UTTERANCE, import_idefics
+
+    root = tmp_path_factory.mktemp("idefics-instruct")
+    tiny_idefics(root / "src", qk=False, alpha="float", every=2, extra=(END_OF_UTTERANCE,))
+    model, _ = import_idefics(str(root / "src"), root / "work")
+    assert model.config.end_of_chunk_token == END_OF_UTTERANCE
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATE_ITEMS))
+def test_idefics_templates_tokenize_as_its_processor_writes_its_prompts(setups, instruct_model, name):
+    from PIL import Image
+    from transformers import IdeficsImageProcessor, IdeficsProcessor
+
+    from flamingo_cli.importers.idefics import END_OF_UTTERANCE
+    from flamingo_cli.inference.generation import tokenize_prompts
+    from flamingo_cli.inference.prompting import build_prompt, load_template
+
+    instruct = "instruct" in name
+    model = instruct_model if instruct else setups["A"][2]
+    tok, _ = tiny_tokenizer_with_image_tokens((END_OF_UTTERANCE,) if instruct else ())
+    tok.pad_token = "</s>"
+    processor = IdeficsProcessor(IdeficsImageProcessor(image_size=28), tok)
+    image = Image.new("RGB", (28, 28))
+    items = [image if item is None else item for item in TEMPLATE_ITEMS[name]]
+    theirs = processor(text=[items], add_end_of_utterance_token=False, return_tensors="pt").input_ids[0].tolist()
+    text, _ = build_prompt(load_template(name), {"image": "q.png", **QUERY}, [{"image": "s.png", **SHOT}])
+    assert tokenize_prompts(model, [text]).input_ids[0] == theirs
 
 
 def test_the_checkpoint_config_says_what_idefics_is(setups):
