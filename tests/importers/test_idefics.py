@@ -215,10 +215,10 @@ def instruct_model(tmp_path_factory):
     from flamingo_cli.importers.idefics import END_OF_UTTERANCE, import_idefics
 
     root = tmp_path_factory.mktemp("idefics-instruct")
-    tiny_idefics(root / "src", qk=False, alpha="float", every=2, extra=(END_OF_UTTERANCE,))
+    reference = tiny_idefics(root / "src", qk=False, alpha="float", every=2, extra=(END_OF_UTTERANCE,))
     model, _ = import_idefics(str(root / "src"), root / "work")
     assert model.config.end_of_chunk_token == END_OF_UTTERANCE
-    return model
+    return reference, model.eval()
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATE_ITEMS))
@@ -231,7 +231,7 @@ def test_idefics_templates_tokenize_as_its_processor_writes_its_prompts(setups, 
     from flamingo_cli.inference.prompting import build_prompt, load_template
 
     instruct = "instruct" in name
-    model = instruct_model if instruct else setups["A"][2]
+    model = instruct_model[1] if instruct else setups["A"][2]
     tok, _ = tiny_tokenizer_with_image_tokens((END_OF_UTTERANCE,) if instruct else ())
     tok.pad_token = "</s>"
     processor = IdeficsProcessor(IdeficsImageProcessor(image_size=28), tok)
@@ -328,3 +328,79 @@ def test_by_repo_id_from_the_hub_cache_the_import_is_the_same(setups, tmp_path, 
     by_id = save_checkpoint(model, tmp_path / "by-id", embed_lm=True, embed_encoder=True)
     for name in ("model.safetensors", "encoder.safetensors"):
         assert (by_id / name).read_bytes() == (ckpt / name).read_bytes()
+
+
+def as_bin(folder: Path) -> None:
+    """Rewrite save_pretrained's safetensors (transformers 5 writes no other) as the pytorch_model*.bin
+    files older releases carry, with their index when sharded."""
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
+        "model.safetensors"]
+    rename = {f: f.replace("model", "pytorch_model", 1).replace(".safetensors", ".bin") for f in files}
+    for old, new in rename.items():
+        torch.save(load_file(folder / old), folder / new)
+        (folder / old).unlink()
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k: rename[v] for k, v in data["weight_map"].items()}
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps(data))
+        index.unlink()
+
+
+@pytest.mark.parametrize("layout", ["pytorch_model.bin", "model-*.safetensors + index", "pytorch_model-*.bin + index"])
+def test_every_weight_layout_imports_the_same(setups, tmp_path, layout):
+    """The other layouts save_pretrained writes or wrote (.bin; shards and their index) import the same."""
+    from flamingo_cli.formats.checkpoint import save_checkpoint
+    from flamingo_cli.importers.idefics import import_idefics
+
+    reference, _, _, ckpt = setups["A"]
+    folder = tmp_path / "src"
+    reference.save_pretrained(folder, max_shard_size="20KB" if "index" in layout else "10GB")
+    tiny_tokenizer_with_image_tokens()[0].save_pretrained(folder)
+    if ".bin" in layout:
+        as_bin(folder)
+    names = {p.name for p in folder.iterdir()}
+    expected = {"pytorch_model.bin": "pytorch_model.bin", "model-*.safetensors + index": "model.safetensors.index.json",
+                "pytorch_model-*.bin + index": "pytorch_model.bin.index.json"}[layout]
+    shards = [n for n in names if n.startswith(("model-", "pytorch_model-"))]
+    assert expected in names and (len(shards) > 2 if "index" in layout else not shards)
+    model, _ = import_idefics(str(folder), tmp_path / "work")
+    again = save_checkpoint(model, tmp_path / "ckpt", embed_lm=True, embed_encoder=True)
+    for name in ("model.safetensors", "encoder.safetensors"):
+        assert (again / name).read_bytes() == (ckpt / name).read_bytes()
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_generation_stops_at_end_of_utterance_as_idefics_does(instruct_model, beams):
+    """An instruct model ends a turn with <end_of_utterance>: ours stops there as IDEFICS's generate
+    does when told to. Its head row is scaled up until decoding emits it mid-answer."""
+    reference, model = instruct_model
+    ids, mask = batch(model)
+    pix = pixels()
+    tok = model.tokenizer
+    eou = model.eoc_token_id
+    theirs_row = reference.lm_head.additional_fc.weight[eou - reference.config.vocab_size]
+    ours_row = model.new_tokens.output[eou - model.new_tokens.first_id]
+    assert torch.equal(theirs_row, ours_row)
+    row = theirs_row.detach().clone()
+    try:
+        with torch.no_grad():
+            for scale in (1.0, 2.0, 4.0, 8.0, 16.0, 32.0):
+                theirs_row.copy_(row * scale)
+                ours_row.copy_(row * scale)
+                theirs = reference.generate(input_ids=ids, attention_mask=mask, pixel_values=pix,
+                                            image_attention_mask=idefics_mask(ids, tok), max_new_tokens=10,
+                                            do_sample=False, num_beams=beams, suppress_tokens=[model.image_token_id],
+                                            eos_token_id=[eou, tok.eos_token_id], pad_token_id=tok.pad_token_id)
+                new = theirs[:, ids.shape[1]:].tolist()
+                if any(eou in r[1:] for r in new):
+                    break
+            else:
+                pytest.fail("no scale of the <end_of_utterance> row stops IDEFICS mid-answer")
+            ours = model.generate(ids, visual_tokens(model, pix), attention_mask=mask, num_beams=beams,
+                                  max_new_tokens=10)
+    finally:
+        with torch.no_grad():
+            theirs_row.copy_(row)
+            ours_row.copy_(row)
+    assert ours.tolist() == new
