@@ -404,3 +404,20 @@ def test_generation_stops_at_end_of_utterance_as_idefics_does(instruct_model, be
             theirs_row.copy_(row)
             ours_row.copy_(row)
     assert ours.tolist() == new
+
+
+@pytest.mark.parametrize("size", [(28, 28), (97, 61), (13, 40), (1000, 700)])
+def test_pixels_are_idefics_pil_image_processors(setups, size):
+    """The imported tower's preprocessing is IdeficsImageProcessorPil's to the bit (the PIL processor
+    transformers 4.x shipped IDEFICS with), downscaling, upscaling and squashing non-square images.
+    transformers 5's default IdeficsImageProcessor resizes with torchvision's bicubic instead, which
+    differs by rounding (one level in 255 downscaling, more upscaling)."""
+    import numpy as np
+    from PIL import Image
+    from transformers.models.idefics.image_processing_pil_idefics import IdeficsImageProcessorPil
+
+    _, _, model, _ = setups["A"]
+    image = Image.fromarray(np.random.default_rng(sum(size)).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    theirs = IdeficsImageProcessorPil(image_size=28)(image, return_tensors="pt")
+    theirs = getattr(theirs, "pixel_values", theirs)[0]
+    assert torch.equal(model.encoder.transform()(image), theirs)
