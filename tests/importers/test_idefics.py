@@ -45,7 +45,7 @@ def tiny_tokenizer_with_image_tokens(extra=()):
     return tok, vocab
 
 
-def tiny_idefics(directory: Path, *, qk: bool, alpha: str, every: int, seed: int = 0, extra=()):
+def tiny_idefics(directory: Path, *, qk: bool, alpha: str, every: int, seed: int = 0, extra=(), tied: bool = False):
     from transformers import IdeficsConfig, IdeficsForVisionText2Text
 
     tok, vocab = tiny_tokenizer_with_image_tokens(extra)
@@ -54,7 +54,7 @@ def tiny_idefics(directory: Path, *, qk: bool, alpha: str, every: int, seed: int
         vocab_size=vocab, additional_vocab_size=2 + len(extra), hidden_size=32, intermediate_size=48, num_hidden_layers=4,
         num_attention_heads=4, cross_layer_interval=every, max_position_embeddings=128, use_resampler=True,
         qk_layer_norms=qk, alpha_type=alpha, alpha_initializer="zeros",  # "normal" crashes for float gates
-        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, tie_word_embeddings=tied,
         vision_config=dict(embed_dim=16, image_size=28, patch_size=14, intermediate_size=32, num_hidden_layers=2,
                            num_attention_heads=2, hidden_act="gelu"),
         perceiver_config=dict(resampler_n_latents=4, resampler_depth=2, resampler_n_heads=2, resampler_head_dim=8,
@@ -421,3 +421,24 @@ def test_pixels_are_idefics_pil_image_processors(setups, size):
     theirs = IdeficsImageProcessorPil(image_size=28)(image, return_tensors="pt")
     theirs = getattr(theirs, "pixel_values", theirs)[0]
     assert torch.equal(model.encoder.transform()(image), theirs)
+
+
+def test_tied_embeddings_import_with_logit_parity(tmp_path):
+    """tie_word_embeddings: the head is the embedding (and the new rows' head their embedding), so
+    the file carries no separate head and ours ties them the same way."""
+    from flamingo_cli.importers.idefics import import_idefics
+
+    reference = tiny_idefics(tmp_path / "src", qk=True, alpha="float", every=2, tied=True)
+    assert reference.lm_head.weight is reference.model.embed_tokens.weight
+    model, _ = import_idefics(str(tmp_path / "src"), tmp_path / "work")
+    model.eval()
+    lm = model.lm
+    assert lm.get_output_embeddings().weight is lm.get_input_embeddings().base.weight
+    ids, mask = batch(model)
+    pix = pixels()
+    with torch.no_grad():
+        theirs = reference(input_ids=ids, attention_mask=mask, pixel_values=pix,
+                           image_attention_mask=idefics_mask(ids, model.tokenizer)).logits
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ours = model(ids, visual_tokens(model, pix), attention_mask=mask, position_ids=positions).logits
+    assert max_diff(ours[mask.bool()], theirs[mask.bool()]) <= 1e-4
