@@ -10,10 +10,12 @@ import click
 def merge(shards, output):
     """Merge the outputs of one stage run as --shard 0/N .. N-1/N into one output.
 
-    Records are put back in input order by their input_index, which is then dropped: the
-    result is the same bytes as the stage's output run as one process. Give every part's
-    output (a part that failed left no file: rerun it first). Reads the parts as streams,
-    one record of each at a time.
+    Records are put back in input order by their input_index, which is then dropped with
+    input_shard: the result is the same bytes as the stage's output run as one process. Give
+    every part's output: the parts are checked first (each I/N once, of one N; a file with no
+    records stands for a part that had no work), so a missing one is an error before anything
+    is written (a part that failed left no file: rerun it). Reads the parts as streams, one
+    record of each at a time.
 
         flamingo generate prompts.jsonl --shard 0/2 -o part0.jsonl &
         flamingo generate prompts.jsonl --shard 1/2 -o part1.jsonl &

@@ -22,8 +22,8 @@ def single_process(stage: str) -> None:
 shard_option = click.option(
     "--shard", metavar="I/N",
     help="Do the I-th of N parts of the input (0-based: 0/4 .. 3/4), for SLURM job arrays and make -j. Each "
-         "output record carries its input_index; `flamingo merge` puts the parts back in input order, the "
-         "same bytes as one process. Under torchrun or srun, the ranks share the input without it.")
+         "output record carries its input_index and input_shard (I/N); `flamingo merge` puts the parts back in "
+         "input order, the same bytes as one process, and refuses a missing part. Under torchrun or srun, the ranks share the input without it.")
 
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")

@@ -12,8 +12,9 @@ Two ways to run:
   units at a time. Records are all the ranks exchange, so the group is gloo's whatever the device;
   each rank runs the model on its own device (cuda:LOCAL_RANK).
 - --shard I/N: independent processes (a SLURM job array, make -j), each reading the whole input
-  and keeping units j % N == I. Each output record carries its input position (INDEX), by which
-  merge_shards puts the shards' outputs back together.
+  and keeping units j % N == I. Each output record carries its input position (INDEX) and its
+  part (PART, "I/N"), by which merge_shards puts the parts' outputs back together and knows when
+  one is missing.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from ..errors import ConfigError, FlamingoError
 from ..formats.artifacts import ArtifactError
 
 INDEX = "input_index"  # a --shard output record's position in the stage's input
+PART = "input_shard"  # and the part ("I/N") that wrote it
 # Rank 0 may wait on its input (a slow pipe) for long; a rank that dies ends the job anyway
 # (torchrun and srun stop the others).
 TIMEOUT = timedelta(hours=24)
@@ -90,10 +92,11 @@ class Placement:
         return f"{device}:{self.local_rank}" if self.size > 1 and device in ("cuda", "xpu") else device
 
     def records(self, records: Iterable[dict]) -> Iterable[dict]:
-        """The stage's input records; a shard's numbered by their position (INDEX)."""
+        """The stage's input records; a shard's numbered by their position (INDEX) and its part (PART)."""
         if self.shard is None:
             return records
-        return ({**record, INDEX: i} for i, record in enumerate(records))
+        part = f"{self.shard.index}/{self.shard.count}"
+        return ({**record, INDEX: i, PART: part} for i, record in enumerate(records))
 
     def run(self, units: Iterable | None, work: Callable[[Any], Iterable]) -> Iterator:
         """The pieces work(unit) yields (a batch's records, say), for each of this process's units;
@@ -222,23 +225,73 @@ def _peer_lost(rank: int):
 
 
 def merge_shards(streams: list[tuple[str, Iterable[dict]]]) -> Iterator[dict]:
-    """The records of --shard outputs (name, records) in input order, without INDEX: streamed,
-    each shard's records already in order. A record without INDEX, or a position out of order or
-    seen twice, is an error naming the shard."""
-    def numbered(name, records):
+    """The records of --shard outputs (name, records) in input order, without INDEX and PART:
+    streamed, each part's records already in order. Before any record is yielded, the parts are
+    checked to be all N of one run (a part with no records counts for one not seen); a record
+    without INDEX or PART, a part twice or missing, or a position out of order or seen twice is an
+    error naming the file."""
+    streams = [(name, _peek(records)) for name, records in streams]
+    _check_parts([(name, first) for name, (first, _) in streams])
+
+    def numbered(name, first, records):
         last = -1
         for record in records:
             index = record.get(INDEX)
             if isinstance(index, bool) or not isinstance(index, int):
                 raise ArtifactError(f"{name}: record {record.get('id', '?')} has no '{INDEX}': not a --shard output")
+            if record.get(PART) != first[PART]:
+                raise ArtifactError(f"{name}: record {record.get('id', '?')} is from part {record.get(PART)!r}, the "
+                                    f"file's first from {first[PART]}: not one part's output")
             if index <= last:
                 raise ArtifactError(f"{name}: '{INDEX}' {index} after {last}: not one shard's output, in order")
             last = index
             yield index, name, record
 
     last, last_name = -1, None
-    for index, name, record in heapq.merge(*(numbered(n, r) for n, r in streams), key=lambda t: t[0]):
+    merged = heapq.merge(*(numbered(n, first, r) for n, (first, r) in streams), key=lambda t: t[0])
+    for index, name, record in merged:
         if index == last:
             raise ArtifactError(f"{name}: '{INDEX}' {index} is in {last_name} too: the same shard twice?")
         last, last_name = index, name
-        yield {k: v for k, v in record.items() if k != INDEX}
+        yield {k: v for k, v in record.items() if k not in (INDEX, PART)}
+
+
+def _peek(records: Iterable[dict]) -> tuple[dict | None, Iterator[dict]]:
+    records = iter(records)
+    first = next(records, None)
+    return first, records if first is None else itertools.chain([first], records)
+
+
+def _check_parts(firsts: list[tuple[str, dict | None]]) -> None:
+    """The files are the N parts of one run: every part I/N once, a file with no records standing
+    for one the others do not show (a part can have no units)."""
+    seen: dict[int, str] = {}
+    count = None
+    for name, first in firsts:
+        if first is None:
+            continue
+        if INDEX not in first:
+            raise ArtifactError(f"{name}: record {first.get('id', '?')} has no '{INDEX}': not a --shard output")
+        try:
+            part = Shard.parse(str(first[PART]))
+        except (KeyError, ConfigError):
+            raise ArtifactError(f"{name}: record {first.get('id', '?')} has no '{PART}' (I/N): not a --shard "
+                                "output of this version") from None
+        if count is not None and part.count != count:
+            raise ArtifactError(f"{name}: part {part.index}/{part.count}, but {seen[min(seen)]} is of {count} parts")
+        count = part.count
+        if part.index in seen:
+            raise ArtifactError(f"{name}: part {part.index}/{count} is {seen[part.index]} too: the same part twice?")
+        seen[part.index] = name
+    if count is None:
+        return
+    missing = [i for i in range(count) if i not in seen]
+    empty = sum(first is None for _, first in firsts)
+    got = f"{len(firsts)} file{'s' * (len(firsts) != 1)} for {count} parts"
+    if len(firsts) > count:
+        raise ArtifactError(f"{got}: more files than parts")
+    if len(missing) > empty:
+        lacking = ", ".join(f"{i}/{count}" for i in missing)
+        where = f" (and {empty} file{'s' * (empty != 1)} without records)" if empty else ""
+        raise ArtifactError(f"{got}: no records of part {lacking}{where}: a part is missing (a part that failed "
+                            "leaves no file: rerun it)")

@@ -379,6 +379,9 @@ def test_shards_merged_are_the_bytes_of_one_process(sharded_inputs, stage):
     assert merged == one
     twice = sh(f"flamingo merge {parts[0]} {parts[0]}", root, env)
     assert twice.returncode == 1 and "twice" in twice.stderr and "Traceback" not in twice.stderr
+    short = sh(f"flamingo merge {parts[0]} {parts[2]} -o merged.jsonl", root, env)
+    assert short.returncode == 1 and len(short.stderr.splitlines()) == 1, short.stderr
+    assert "2 files for 3 parts: no records of part 1/3" in short.stderr and not (root / "merged.jsonl").exists()
     plain = sh("flamingo merge shots.jsonl", root, env)
     assert plain.returncode == 1 and "not a --shard output" in plain.stderr
     bad = sh(f"flamingo {SHARDED[stage]} --shard 3/3", root, env)

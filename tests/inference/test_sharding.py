@@ -2,7 +2,7 @@ import pytest
 
 from flamingo_cli.errors import ConfigError
 from flamingo_cli.formats.artifacts import ArtifactError
-from flamingo_cli.inference.sharding import INDEX, Placement, Shard, launched, merge_shards, placement
+from flamingo_cli.inference.sharding import INDEX, PART, Placement, Shard, launched, merge_shards, placement
 
 
 @pytest.mark.parametrize("text", ["3/3", "-1/2", "1", "a/b", "1/0", "0/2/3", "/"])
@@ -76,20 +76,41 @@ def test_alone_work_is_lazy_and_records_unchanged():
     assert list(results) == [10, 20]
 
 
-def shard(indices):
-    return [{"id": f"r{i}", "x": i, INDEX: i} for i in indices]
+def shard(indices, part="0/1"):
+    return [{"id": f"r{i}", "x": i, INDEX: i, PART: part} for i in indices]
 
 
 def test_merge_puts_shards_back_in_input_order_without_their_index():
-    merged = list(merge_shards([("b", shard([2, 3])), ("a", shard([0, 1, 6])), ("c", shard([4, 5]))]))
+    streams = [("b", shard([2, 3], "1/3")), ("a", shard([0, 1, 6], "0/3")), ("c", shard([4, 5], "2/3"))]
+    merged = list(merge_shards(streams))
     assert merged == [{"id": f"r{i}", "x": i} for i in range(7)]
+
+
+def test_a_shards_records_carry_its_part():
+    assert {r[PART] for r in Placement(shard=Shard(1, 2)).records([{"id": "a"}, {"id": "b"}])} == {"1/2"}
+
+
+def test_merge_takes_an_empty_part_for_the_one_not_seen():
+    # 3 parts of 2 units: part 2/3 had none, and its file is empty
+    merged = list(merge_shards([("a", shard([0], "0/3")), ("b", shard([1], "1/3")), ("c", [])]))
+    assert [r["x"] for r in merged] == [0, 1]
 
 
 @pytest.mark.parametrize("streams, message", [
     ([("a", [{"id": "r0"}])], "a: record r0 has no 'input_index': not a --shard output"),
     ([("a", [{"id": "r0", INDEX: True}])], "not a --shard output"),
     ([("a", shard([1, 0]))], "a: 'input_index' 0 after 1: not one shard's output, in order"),
-    ([("a", shard([0, 2])), ("b", shard([2]))], "'input_index' 2 is in a too: the same shard twice?"),
+    ([("a", shard([0, 2], "0/2")), ("b", shard([2], "1/2"))], "'input_index' 2 is in a too: the same shard twice?"),
+    ([("a", [{"id": "r0", INDEX: 0}])], "a: record r0 has no 'input_shard' \\(I/N\\)"),
+    ([("a", [{"id": "r0", INDEX: 0, PART: "5/2"}])], "a: record r0 has no 'input_shard'"),
+    ([("a", shard([0], "0/3")), ("b", shard([2], "2/3"))],
+     "2 files for 3 parts: no records of part 1/3: a part is missing"),
+    ([("a", shard([0], "0/4")), ("b", []), ("c", shard([3], "3/4"))],
+     "3 files for 4 parts: no records of part 1/4, 2/4 \\(and 1 file without records\\): a part is missing"),
+    ([("a", shard([0], "0/2")), ("b", shard([1], "1/3"))], "b: part 1/3, but a is of 2 parts"),
+    ([("a", shard([0], "0/2")), ("b", shard([2], "0/2"))], "b: part 0/2 is a too: the same part twice"),
+    ([("a", shard([0], "0/1")), ("b", [])], "2 files for 1 parts: more files than parts"),
+    ([("a", shard([0], "0/2") + shard([2], "1/2")), ("b", shard([1], "1/2"))], "a: record r2 is from part '1/2', the file's first from 0/2"),
 ])
 def test_merge_refuses_what_is_not_a_set_of_shards(streams, message):
     with pytest.raises(ArtifactError, match=message.replace("?", r"\?")):
