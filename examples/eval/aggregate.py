@@ -18,11 +18,11 @@ import tempfile
 from pathlib import Path
 
 METRIC_NAMES = {"vqa": "VQA acc.", "cider": "CIDEr", "top1": "top-1", "roc_auc": "ROC-AUC", "exact": "top-1",
-                "ivqa": "iVQA acc.", "mwap": "mWAP", "wups": "WUPS"}
+                "ivqa": "iVQA acc.", "mwap": "mWAP", "wups": "WUPS", "captions": "CIDEr", "visdial": "NDCG"}
 BENCH_NAMES = {"vqav2": "VQAv2", "okvqa": "OK-VQA", "vizwiz": "VizWiz", "textvqa": "TextVQA", "coco": "COCO",
                "flickr30k": "Flickr30K", "hatefulmemes": "HatefulMemes", "imagenet": "ImageNet", "msvdqa": "MSVD-QA",
                "msrvttqa": "MSRVTT-QA", "ivqa": "iVQA", "nextqa": "NextQA", "star": "STAR", "vatex": "VATEX", "youcook2": "YouCook2",
-               "rareact": "RareAct"}
+               "rareact": "RareAct", "visdial": "VisDial"}
 
 
 def collect(out: Path) -> dict:

@@ -7,18 +7,26 @@ query records, and every stage passes them through), or come from a separate fil
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..formats.artifacts import ArtifactError
-from .metrics import (cider_d, cut_at, exact_match, ivqa_accuracy, rareact_mwap, roc_auc, strip_quotes, top1,
-                      vqa_accuracy)
+from .captions import caption_metrics
+from .metrics import (cider_d, cut_at, exact_match, ivqa_accuracy, rareact_mwap, roc_auc, strip_quotes, top1, top_k,
+                      vqa_accuracy, vqa_accuracy_by_type)
+from .retrieval import visdial_metrics
 
-METRICS = ("vqa", "cider", "top1", "roc_auc", "exact", "ivqa", "mwap", "wups")
+METRICS = ("vqa", "cider", "captions", "top1", "roc_auc", "exact", "ivqa", "mwap", "wups", "visdial")
 # The fields each metric reads its references from.
-REFERENCE_FIELDS = {"vqa": ("answers",), "cider": ("captions", "caption"), "top1": ("label",),
+REFERENCE_FIELDS = {"vqa": ("answers",), "cider": ("captions", "caption"), "captions": ("captions", "caption"),
+                    "top1": ("label",),
                     "roc_auc": ("label", "label_id"), "exact": ("label",), "ivqa": ("answers",),
-                    "mwap": ("annotation",), "wups": ("answers",)}
+                    "mwap": ("annotation",), "wups": ("answers",),
+                    "visdial": ("candidates", "gt_index", "label", "relevance")}
+# What else --references joins for a metric: the fields its breakdowns read.
+BREAKDOWN_FIELDS = {"vqa": ("answer_type", "question_type")}
+# top5 is left out where every label is in the top five (STAR's four choices).
+TOP5_MIN_CANDIDATES = 6
 
 
 @dataclass
@@ -26,12 +34,14 @@ class PostProcess:
     """How a generated text becomes an answer, as the peers do it."""
     cut: Sequence[str] = ()  # cut the text at the first of these (e.g. "Question", "Output")
     quotes: bool = False  # delete double quotes
+    stem: Callable[[str], str] | None = None  # last, e.g. okvqa.OkvqaStemmer (OpenFlamingo's OK-VQA)
 
     def __call__(self, text: str) -> str:
         text = cut_at(text, self.cut)
         if self.quotes:
             text = strip_quotes(text)
-        return text.strip()
+        text = text.strip()
+        return self.stem(text) if self.stem is not None else text
 
 
 def merge_ensembles(records: list[dict]) -> list[dict]:
@@ -68,15 +78,40 @@ def join_references(records: list[dict], references: list[dict], metric: str) ->
         ref = by_id.get(str(record["id"]))
         if ref is None:
             raise ArtifactError(f"{record['id']}: not in the references")
-        out.append({**record, **{f: ref[f] for f in REFERENCE_FIELDS[metric] if f in ref}})
+        fields = (*REFERENCE_FIELDS[metric], *BREAKDOWN_FIELDS.get(metric, ()))
+        out.append({**record, **{f: ref[f] for f in fields if f in ref}})
     return out
 
 
-def _answer(record: dict, post: PostProcess) -> str:
+def answer(record: dict, post: PostProcess) -> str:
+    """A prediction record's answer: its generation (or score's best candidate), post-processed."""
     text = record.get("output", record.get("prediction"))
     if not isinstance(text, str):
         raise ArtifactError(f"{record['id']}: no 'output' (from generate) or 'prediction' (from score)")
     return post(text)
+
+
+def _answer_types(records: list[dict], rows: list[dict]) -> dict | None:
+    """The vqa summary's by_answer_type, where the records carry answer_type (VQAv2, OK-VQA,
+    VizWiz); each row gets its record's answer_type and question_type."""
+    if not any("answer_type" in r for r in records):
+        return None
+    for row, r in zip(rows, records):
+        if not isinstance(r.get("answer_type"), str):
+            raise ArtifactError(f"{r['id']}: no 'answer_type' string, while other records have one "
+                                "(the per-answer-type accuracies need every record's)")
+        row.update({k: r[k] for k in BREAKDOWN_FIELDS["vqa"] if k in r})
+    return vqa_accuracy_by_type([r["answer_type"] for r in records], [row["score"] for row in rows])
+
+
+def _top5(records: list[dict], labels: list[str], rows: list[dict]) -> float | None:
+    """top5 in percent: the label among the five best-scored candidates (ties as top-1 breaks
+    them), where every record has `scores` over more than five candidates; rows get theirs."""
+    if not all(isinstance(r.get("scores"), dict) and len(r["scores"]) >= TOP5_MIN_CANDIDATES for r in records):
+        return None
+    for row, r, label in zip(rows, records, labels):
+        row["top5"] = float(label.strip() in {c.strip() for c in top_k(r["scores"], 5)})
+    return 100 * sum(row["top5"] for row in rows) / len(rows)
 
 
 def _reference(record: dict, metric: str):
@@ -97,27 +132,40 @@ def _positive_probability(record: dict, positive: str, negative: str) -> float:
 
 def evaluate_records(records: list[dict], metric: str, *, post: PostProcess | None = None,
                      positive: str = "yes", negative: str = "no",
-                     vqa_evaluator: str = "official") -> tuple[dict, list[dict]]:
+                     vqa_evaluator: str = "official", caption_backend: str = "auto") -> tuple[dict, list[dict]]:
     """(summary, per-example rows). The summary's `score` is on the papers' scale: VQA accuracy,
-    CIDEr-D (x100 of pycocoevalcap's mean), top-1, ROC-AUC and WUPS all in percent. wups adds
-    NExT-QA's table: wups9 (WUPS@0.9), by_group (WUPS_C/T/D) and by_type."""
+    CIDEr-D (x100 of pycocoevalcap's mean), top-1, ROC-AUC and WUPS all in percent. vqa adds
+    by_answer_type ({type: {"accuracy", "n"}}) where the records carry answer_type; top1 adds top5
+    over score records' `scores` (more than five candidates); wups adds NExT-QA's table: wups9
+    (WUPS@0.9), by_group (WUPS_C/T/D) and by_type. captions: evaluation.captions' suite on
+    `caption_backend`, its CIDEr-D as the score, with bleu1..bleu4, meteor, rouge_l, cider, spice,
+    backend, tokenizer and missing; rows get the per-image values and their CIDEr-D as score, all
+    x100. visdial: NDCG x100 over the densely annotated rounds as the score, with mrr, r1, r5, r10,
+    mean_rank and n_dense (evaluation.retrieval)."""
     if metric not in METRICS:
         raise ArtifactError(f"unknown metric {metric!r} (expected one of {', '.join(METRICS)})")
     if not records:
         raise ArtifactError("no prediction records")
     post = post or PostProcess()
     records = merge_ensembles(records)
+    if metric == "visdial":  # a ranking of every round's candidates, with its own summary
+        return visdial_metrics(records)
     rows = [{"id": r["id"]} for r in records]
     extra: dict = {}
     if metric in ("vqa", "ivqa"):
         for row, r in zip(rows, records):
+            if "answers" not in r and str(r.get("split", "")).startswith("test"):
+                raise ArtifactError(f"{r['id']}: split {r['split']} has no public answers; write the "
+                                    "results file of its evaluation server instead (evaluate --server)")
             answers = _reference(r, metric)
             if not isinstance(answers, list) or not answers:
                 raise ArtifactError(f"{r['id']}: 'answers' must be a non-empty list of human answers")
-            row["prediction"] = _answer(r, post)
+            row["prediction"] = answer(r, post)
             row["score"] = (vqa_accuracy(row["prediction"], answers, vqa_evaluator) if metric == "vqa"
                             else ivqa_accuracy(row["prediction"], answers))
         score = 100 * sum(row["score"] for row in rows) / len(rows)
+        if metric == "vqa" and (by_type := _answer_types(records, rows)) is not None:
+            extra["by_answer_type"] = by_type
     elif metric == "mwap":
         for row, r in zip(rows, records):
             scores = r.get("scores")
@@ -146,7 +194,7 @@ def evaluate_records(records: list[dict], metric: str, *, post: PostProcess | No
             if not isinstance(r.get("type"), str):
                 raise ArtifactError(f"{r['id']}: wups needs the question's 'type' (CW, TN, DC, ...; "
                                     "from flamingo data nextqa)")
-            row["prediction"] = _answer(r, post)
+            row["prediction"] = answer(r, post)
             scores.append(wups.score(row["prediction"], answers, r["type"]))
             types.append(r["type"])
             row.update(type=r["type"], score=scores[-1][0.0], wups9=scores[-1][0.9])
@@ -155,25 +203,35 @@ def evaluate_records(records: list[dict], metric: str, *, post: PostProcess | No
         extra.update(table)
     elif metric == "exact":
         for row, r in zip(rows, records):
-            row.update(prediction=_answer(r, post), label=str(_reference(r, metric)))
+            row.update(prediction=answer(r, post), label=str(_reference(r, metric)))
             row["score"] = exact_match(row["prediction"], row["label"])
         score = 100 * sum(row["score"] for row in rows) / len(rows)
-    elif metric == "cider":
+    elif metric in ("cider", "captions"):
         candidates, references = {}, {}
         for row, r in zip(rows, records):
             refs = _reference(r, metric)
             references[str(r["id"])] = [refs] if isinstance(refs, str) else list(refs)
-            row["prediction"] = candidates[str(r["id"])] = _answer(r, post)
-        mean, per_image = cider_d(candidates, references)
-        for row in rows:
-            row["score"] = per_image[str(row["id"])]
-        score = 100 * mean
+            row["prediction"] = candidates[str(r["id"])] = answer(r, post)
+        if metric == "cider":
+            mean, per_image = cider_d(candidates, references)
+            for row in rows:
+                row["score"] = per_image[str(row["id"])]
+            score = 100 * mean
+        else:
+            suite, per_image = caption_metrics(candidates, references, backend=caption_backend)
+            for row in rows:
+                row.update(per_image[str(row["id"])])
+                row["score"] = row["cider"]
+            score = suite["cider"]
+            extra.update(suite)
     elif metric == "top1":
         labels = [str(_reference(r, metric)) for r in records]
-        predictions = [_answer(r, post) for r in records]
+        predictions = [answer(r, post) for r in records]
         for row, p, y in zip(rows, predictions, labels):
             row.update(prediction=p, label=y, score=float(p == y.strip()))
         score = 100 * top1(predictions, labels)
+        if (top5 := _top5(records, labels, rows)) is not None:
+            extra["top5"] = top5
     else:
         labels, probs = [], []
         for row, r in zip(rows, records):

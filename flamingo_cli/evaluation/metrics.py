@@ -1,11 +1,12 @@
 """The benchmark metrics, computed as the official tools compute them (pure Python).
 
 - VQA accuracy: the VQA challenge's evaluator (vqaEval.py): its answer normalisation, its quirks
-  included, and min(1, matches / 3) averaged over the 10 leave-one-out subsets of human answers.
+  included, and min(1, matches / 3) averaged over the 10 leave-one-out subsets of human answers;
+  its per-answer-type accuracies.
 - CIDEr-D: pycocoevalcap's scorer (its "Cider" is CIDEr-D): n = 1..4, sigma = 6, document
   frequencies over the evaluated corpus, clipped tf-idf, x10 per image, the length penalty on
   the bigram count. Its Java PTB tokenizer is approximated in Python: see `ptb_tokenize`.
-- ROC-AUC, from one score per example, and top-1 accuracy.
+- ROC-AUC, from one score per example, top-1 accuracy and the top-k of ranked candidates.
 """
 from __future__ import annotations
 
@@ -109,6 +110,17 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], evaluator: str = "offi
     return sum(min(1.0, (matches - (h == pred)) / 3) for h in humans) / len(humans)
 
 
+def vqa_accuracy_by_type(types: Sequence[str], accuracies: Sequence[float]) -> dict[str, dict]:
+    """{answer type: {"accuracy", "n"}}, sorted by type: as the evaluator's perAnswerType, the mean
+    of its questions' accuracies (each already the leave-one-out mean) in percent, unrounded (the
+    evaluator rounds to two places). An early revision of vqaEval.py averaged the last leave-one-out
+    subset's accuracy instead of the question's; the current one (and VizWiz's copy) average the question's."""
+    by_type: dict[str, list[float]] = {}
+    for answer_type, accuracy in zip(types, accuracies, strict=True):
+        by_type.setdefault(answer_type, []).append(accuracy)
+    return {t: {"accuracy": 100 * sum(v) / len(v), "n": len(v)} for t, v in sorted(by_type.items())}
+
+
 # -- CIDEr-D --------------------------------------------------------------------------------------
 
 # Tokens pycocoevalcap drops after tokenising (its PUNCTUATIONS list).
@@ -204,6 +216,12 @@ def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
         start = end + 1
     rank_sum = sum(r for r, y in zip(ranks, labels) if y)
     return (rank_sum - pos * (pos + 1) / 2) / (pos * neg)
+
+
+def top_k(scores: dict[str, float], k: int) -> list[str]:
+    """The k best-scored candidates, best first. Equal scores keep the candidates' order (a stable
+    sort), as top-1's max keeps the first of equal maxima."""
+    return sorted(scores, key=scores.__getitem__, reverse=True)[:k]
 
 
 def exact_match(prediction: str, answer: str) -> float:

@@ -72,15 +72,16 @@ class Wups:
         self._wup = lru_cache(maxsize=None)(self._wup_uncached)
 
     @classmethod
-    def load(cls) -> Wups:
-        """From NLTK's data path (NLTK_DATA, ~/nltk_data, ...); ArtifactError naming what is missing."""
+    def load(cls, purpose: str = "wups") -> Wups:
+        """From NLTK's data path (NLTK_DATA, ~/nltk_data, ...); ArtifactError naming what is missing
+        and for what (`purpose`: OK-VQA's stemming loads the same data)."""
         try:
             import nltk
             from nltk.corpus.reader.wordnet import WordNetCorpusReader
             from nltk.stem.porter import PorterStemmer
             from nltk.tag.perceptron import PerceptronTagger
         except ImportError:
-            raise ArtifactError("wups needs NLTK: pip install nltk") from None
+            raise ArtifactError(f"{purpose} needs NLTK: pip install nltk") from None
         found, missing = {}, []
         for resource, name in NLTK_RESOURCES.items():
             try:
@@ -89,7 +90,7 @@ class Wups:
                 missing.append(name)
         if missing:
             raise ArtifactError(
-                f"wups needs NLTK data not found in {':'.join(nltk.data.path)}: {', '.join(missing)} "
+                f"{purpose} needs NLTK data not found in {':'.join(nltk.data.path)}: {', '.join(missing)} "
                 f"(fetch once with: python -m nltk.downloader {' '.join(missing)}; or set NLTK_DATA "
                 "to a directory holding them)")
         tagger = PerceptronTagger(load=False)

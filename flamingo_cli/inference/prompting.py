@@ -275,19 +275,44 @@ def make_prompt_records(
             query, support, n, method, seed, query_vector=query_vector, support_vectors=support_vectors
         )
     ]
-    records = []
-    for e, order in enumerate(ensemble_orders(len(chosen), ensembles, seed, _record_id(query))):
-        shots = [chosen[i] for i in order]
-        if k > 0:
-            text, media = build_prompt(template, query, shots)
-        else:
-            text, media = build_prompt(template, query, [], zero_shot_examples=shots)
-        record = {**query, "prompt": text, "media": media, "shots": [_record_id(s) for s in shots],
-                  "template": template.name}
-        if ensembles > 1:
-            record["ensemble"] = e
-        records.append(record)
-    return records
+    orders = ensemble_orders(len(chosen), ensembles, seed, _record_id(query))
+    return [_prompt_record(template, query, [chosen[i] for i in order], k, e if ensembles > 1 else None)
+            for e, order in enumerate(orders)]
+
+
+def _prompt_record(template: Template, query: dict[str, Any], shots: list[dict[str, Any]], k: int,
+                   ensemble: int | None) -> dict[str, Any]:
+    """The query's fields plus its prompt from `shots` in this order (text only when k == 0)."""
+    if k > 0:
+        text, media = build_prompt(template, query, shots)
+    else:
+        text, media = build_prompt(template, query, [], zero_shot_examples=shots)
+    record = {**query, "prompt": text, "media": media, "shots": [_record_id(s) for s in shots],
+              "template": template.name}
+    if ensemble is not None:
+        record["ensemble"] = ensemble
+    return record
+
+
+def ordered_prompt_records(template: Template, queries: Iterable[dict[str, Any]], support: list[dict[str, Any]],
+                           orders: Iterable[list[list[int]]], *, k: int) -> Iterator[dict[str, Any]]:
+    """Prompt records whose demonstrations an evaluation protocol chose (evaluation.protocols):
+    `orders` gives, query by query, one or more orders of indices into `support`, each in prompt
+    order; k == 0 renders them text only. A query with several orders (prompt ensembling) gives
+    one record per order, each with `ensemble` (0, 1, ...)."""
+    for query, query_orders in zip(queries, orders):
+        for e, order in enumerate(query_orders):
+            yield _prompt_record(template, query, [support[i] for i in order], k,
+                                 e if len(query_orders) > 1 else None)
+
+
+def rices_shots(queries: Iterable[dict[str, Any]], support: list[dict[str, Any]], k: int) -> Iterator[list[int]]:
+    """For each query, the k support records most cosine-similar to it by pooled features (the
+    encoder's `flamingo encode` stored), most similar last, as `--select rices` chooses them."""
+    pooled = PooledFeatures()
+    vectors = pooled.stack(support)
+    for query in queries:
+        yield select_shots(query, support, k, "rices", 0, query_vector=pooled(query), support_vectors=vectors)
 
 
 def make_prompt_record(template: Template, query: dict[str, Any], support: list[dict[str, Any]], *, k: int,

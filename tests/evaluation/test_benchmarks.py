@@ -36,20 +36,23 @@ def copy_fixture(name: str, tmp_path: Path) -> Path:
 
 def test_registry():
     assert set(BENCHMARKS) == {"vqav2", "okvqa", "vizwiz", "textvqa", "coco", "flickr30k", "hatefulmemes", "imagenet",
-                               "msvdqa", "msrvttqa", "ivqa", "nextqa", "star", "vatex", "youcook2", "rareact"}
+                               "msvdqa", "msrvttqa", "ivqa", "nextqa", "star", "vatex", "youcook2", "rareact",
+                               "visdial"}
     for name, bench in BENCHMARKS.items():
         assert bench.name == name
         assert bench.task in TASKS
         assert bench.splits and bench.description
     assert BENCHMARKS["coco"].splits == ("train", "val", "test")
     assert BENCHMARKS["hatefulmemes"].splits == ("train", "dev_seen", "dev_unseen", "test_seen", "test_unseen")
+    assert BENCHMARKS["vqav2"].splits == ("train", "val", "test-dev", "test")
+    assert BENCHMARKS["vizwiz"].splits == BENCHMARKS["textvqa"].splits == ("train", "val", "test")
 
 
 @pytest.mark.parametrize("name,split,expected", [
-    ("vqav2", "train", 3), ("vqav2", "val", 3),
+    ("vqav2", "train", 3), ("vqav2", "val", 3), ("vqav2", "test-dev", 2), ("vqav2", "test", 4),
     ("okvqa", "train", 2), ("okvqa", "val", 2),
-    ("vizwiz", "train", 2), ("vizwiz", "val", 3),
-    ("textvqa", "train", 2), ("textvqa", "val", 2),
+    ("vizwiz", "train", 2), ("vizwiz", "val", 3), ("vizwiz", "test", 3),
+    ("textvqa", "train", 2), ("textvqa", "val", 2), ("textvqa", "test", 2),
     ("coco", "train", 2), ("coco", "val", 2), ("coco", "test", 2),
     ("flickr30k", "train", 2), ("flickr30k", "val", 1), ("flickr30k", "test", 2),
     ("hatefulmemes", "train", 3), ("hatefulmemes", "dev_seen", 2), ("hatefulmemes", "test_unseen", 2),
@@ -84,8 +87,11 @@ def test_vqav2(tmp_path):
         "answers": ["down", "down", "at table", "skateboard", "down", "table", "down", "down", "down", "down"],
         "answer": "down",
         "question_id": 262148000,
+        "question_type": "none of the above",
+        "answer_type": "other",
     }
     assert ids(records) == ["vqav2-262148000", "vqav2-262148001", "vqav2-393225000"]
+    assert [r["answer_type"] for r in records] == ["other", "number", "yes/no"]
     train = read_benchmark("vqav2", str(r), "train")  # a str root works too
     assert ids(train) == ["vqav2-458752000", "vqav2-458752001", "vqav2-262146000"]
     assert train[0]["image"] == str(r / "train2014" / "COCO_train2014_000000458752.jpg")
@@ -103,6 +109,8 @@ def test_okvqa():
         "answers": ["england", "england", "england", "england", "uk", "uk", "london", "london", "britain", "britain"],
         "answer": "england",
         "question_id": 3932825,
+        "question_type": "seven",  # OK-VQA's knowledge category
+        "answer_type": "other",
     }
     assert ids(records) == ["okvqa-2971475", "okvqa-3932825"]
     train = read_benchmark("okvqa", r, "train")
@@ -123,8 +131,10 @@ def test_vizwiz_most_frequent_answer_with_tie():
                     "unanswerable", "soup", "cream of chicken"],
         "answer": "unanswerable",
         "question_id": "VizWiz_val_00000000.jpg",
+        "answer_type": "unanswerable",
     }
     assert [x["answer"] for x in records] == ["unanswerable", "night time", "blue"]
+    assert [x["answer_type"] for x in records] == ["unanswerable", "other", "other"]
     train = read_benchmark("vizwiz", r, "train")
     assert ids(train) == ["vizwiz-VizWiz_train_00000000", "vizwiz-VizWiz_train_00000001"]
     assert train[0]["image"] == str(r / "train" / "VizWiz_train_00000000.jpg")
@@ -150,6 +160,71 @@ def test_textvqa_most_frequent_answer_with_tie():
     assert ids(train) == ["textvqa-0", "textvqa-3"]
     assert [x["answer"] for x in train] == ["nokia", "5:41"]
     assert train[0]["image"] == str(r / "train_images" / "0054c91397f2fe05.jpg")
+    assert "answer_type" not in records[0]  # TextVQA has none
+
+
+def test_vqav2_test_splits_have_questions_only():
+    r = root("vqav2")
+    dev = read_benchmark("vqav2", r, "test-dev")
+    assert dev[0] == {
+        "id": "vqav2-262144000",
+        "image": str(r / "test2015" / "COCO_test2015_000000262144.jpg"),  # test-dev's images are test2015's
+        "split": "test-dev",
+        "question": "Is the ball flying towards the batter?",
+        "question_id": 262144000,
+    }
+    assert ids(dev) == ["vqav2-262144000", "vqav2-524291000"]
+    test = read_benchmark("vqav2", r, "test")
+    assert [x["question_id"] for x in test] == [262144000, 262144001, 131074000, 524291000]
+    assert all(set(x) == {"id", "image", "split", "question", "question_id"} for x in dev + test)
+
+
+def test_vizwiz_and_textvqa_test_splits_have_questions_only():
+    viz = read_benchmark("vizwiz", root("vizwiz"), "test")
+    assert viz[1] == {
+        "id": "vizwiz-VizWiz_test_00000001",
+        "image": str(root("vizwiz") / "test" / "VizWiz_test_00000001.jpg"),
+        "split": "test",
+        "question": "Can you tell me what color this shirt is?",
+        "question_id": "VizWiz_test_00000001.jpg",
+    }
+    text = read_benchmark("textvqa", root("textvqa"), "test")
+    assert text[0] == {
+        "id": "textvqa-39602",
+        "image": str(root("textvqa") / "test_images" / "000a1249af2bc5f0.jpg"),
+        "split": "test",
+        "question": "what is the name of the store?",
+        "question_id": 39602,
+    }
+
+
+def test_answers_are_still_required_outside_the_test_splits(tmp_path):
+    r = copy_fixture("vizwiz", tmp_path)
+    items = json.loads((r / "Annotations" / "val.json").read_text())
+    del items[2]["answers"]
+    (r / "Annotations" / "val.json").write_text(json.dumps(items))
+    with pytest.raises(ArtifactError,
+                       match=r"val\.json: item 2 \(VizWiz_val_00000002\.jpg\) lacks required field 'answers'"):
+        read_benchmark("vizwiz", r, "val")
+    r = copy_fixture("textvqa", tmp_path)
+    data = json.loads((r / "TextVQA_0.5.1_val.json").read_text())
+    del data["data"][0]["answers"]
+    (r / "TextVQA_0.5.1_val.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=r"question 34602 lacks required field 'answers'"):
+        read_benchmark("textvqa", r, "val")
+
+
+def test_a_wrongly_typed_answer_type_is_an_error(tmp_path):
+    r = copy_fixture("vqav2", tmp_path)
+    path = r / "v2_mscoco_val2014_annotations.json"
+    data = json.loads(path.read_text())
+    data["annotations"][1]["answer_type"] = 7
+    path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=r"annotation of question 262148001 field 'answer_type' should be a str"):
+        read_benchmark("vqav2", r, "val")
+    del data["annotations"][1]["answer_type"]  # absent: the record goes without it
+    path.write_text(json.dumps(data))
+    assert "answer_type" not in read_benchmark("vqav2", r, "val")[1]
 
 
 # -- captioning -------------------------------------------------------------------------
@@ -295,8 +370,10 @@ def test_imagenet_unknown_synset(tmp_path):
 def test_unknown_benchmark_and_split():
     with pytest.raises(ArtifactError, match="unknown benchmark 'gqa'"):
         read_benchmark("gqa", root("vqav2"), "val")
-    with pytest.raises(ArtifactError, match="vqav2 has no split 'test'"):
-        read_benchmark("vqav2", root("vqav2"), "test")
+    with pytest.raises(ArtifactError, match=r"vqav2 has no split 'test2015' \(splits: train, val, test-dev, test\)"):
+        read_benchmark("vqav2", root("vqav2"), "test2015")
+    with pytest.raises(ArtifactError, match="okvqa has no split 'test'"):  # OK-VQA has no test split
+        read_benchmark("okvqa", root("okvqa"), "test")
     with pytest.raises(ArtifactError, match="no split 'restval'"):
         read_benchmark("coco", root("coco"), "restval")
 
@@ -306,6 +383,9 @@ def test_unknown_benchmark_and_split():
     ("okvqa", "val", "OpenEnded_mscoco_val2014_questions.json"),
     ("vizwiz", "val", "val.json"),
     ("textvqa", "val", "TextVQA_0.5.1_val.json"),
+    ("vqav2", "test-dev", "v2_OpenEnded_mscoco_test-dev2015_questions.json"),
+    ("vizwiz", "test", "test.json"),
+    ("textvqa", "test", "TextVQA_0.5.1_test.json"),
     ("coco", "val", "dataset_coco.json"),
     ("flickr30k", "val", "dataset_flickr30k.json"),
     ("hatefulmemes", "dev_unseen", "dev_unseen.jsonl"),  # this split has no fixture file

@@ -75,3 +75,30 @@ def test_the_sweep_writes_results_table_and_plot_and_resumes(tmp_path):
         if path.name != "2shot-seed1.json":
             assert path.stat().st_mtime_ns == stamp
     assert json.loads((out / "vqav2" / "cells" / "2shot-seed1.json").read_text())["seed"] == 1
+
+
+def test_the_openflamingo_protocol_sweeps_per_seed_with_its_draws_and_presets(tmp_path):
+    from flamingo_cli.evaluation.protocols import demonstrations, draw, openflamingo_split
+
+    make_vqav2(tmp_path / "vqav2")
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    r = sweep(out, "vqav2", tmp_path / "vqav2", cache, PROTOCOL="openflamingo", SUPPORT="6", QUERIES="all",
+              SHOTS="2", SEEDS="42 3", OF_WORLD_SIZE="2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "-c openflamingo-vqa " in r.stdout and "-c openflamingo-vqav2 " in r.stdout
+    for seed in (42, 3):
+        queries = openflamingo_split("vqav2", tmp_path / "vqav2", "val")
+        train = openflamingo_split("vqav2", tmp_path / "vqav2", "train")
+        chosen = draw(len(queries), len(train), seed=seed, query_set_size=6)
+        support = [train[i]["id"] for i in chosen.support]
+        orders = demonstrations(6, 2, seed=seed, world_size=2)
+        expected = [(queries[i]["id"], [support[j] for j in o[0]]) for i, o in zip(chosen.queries, orders)]
+        prompts = [json.loads(line) for line in (out / "vqav2" / "prompts" / f"2shot-seed{seed}.jsonl").read_text()
+                   .splitlines()]
+        assert [(p["id"], p["shots"]) for p in prompts] == expected and len(expected) == 10
+        assert prompts[0]["prompt"].startswith("<image>Question:What colour is the shape? Short answer:")
+        cell = json.loads((out / "vqav2" / "cells" / f"2shot-seed{seed}.json").read_text())
+        assert cell["protocol"] == "openflamingo" and cell["vqa_evaluator"] == "openflamingo" and cell["n"] == 10
+        assert cell["cut_at"] == ["Question", "Answer", "Short", ", "]
+    r = sweep(out, "msrvttqa", tmp_path / "vqav2", cache, PROTOCOL="openflamingo")
+    assert r.returncode != 0 and "OpenFlamingo 2.0.1 evaluates vqav2" in r.stdout + r.stderr

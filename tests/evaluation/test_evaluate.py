@@ -116,3 +116,76 @@ def test_mwap_through_evaluate_records_needs_every_class_scored():
     del records[1]["scores"]["cut laptop"]
     with pytest.raises(ArtifactError, match="mwap: a record has no score for class 'cut laptop'"):
         evaluate_records(records, "mwap")
+
+
+# Accuracies by hand: all ten agree (1), two of ten (0.6), three of ten (0.9), none (0).
+TYPED = [
+    {"id": "a", "output": "yes", "answers": ["yes"] * 10, "answer_type": "yes/no", "question_type": "is the"},
+    {"id": "b", "output": "no", "answers": ["yes"] * 8 + ["no"] * 2, "answer_type": "yes/no", "question_type": "is"},
+    {"id": "c", "output": "Two", "answers": ["2"] * 3 + ["3"] * 7, "answer_type": "number",
+     "question_type": "how many"},
+    {"id": "d", "output": "red", "answers": ["blue"] * 10, "answer_type": "other", "question_type": "what color"},
+]
+
+
+def test_vqa_accuracy_by_answer_type():
+    summary, rows = evaluate_records(TYPED, "vqa")
+    assert summary["score"] == pytest.approx(100 * (1 + 0.6 + 0.9 + 0) / 4)
+    assert summary["by_answer_type"] == {"number": {"accuracy": pytest.approx(90.0), "n": 1},
+                                         "other": {"accuracy": 0.0, "n": 1},
+                                         "yes/no": {"accuracy": pytest.approx(80.0), "n": 2}}
+    assert rows[2] == {"id": "c", "prediction": "Two", "score": pytest.approx(0.9), "answer_type": "number",
+                       "question_type": "how many"}
+    assert "by_answer_type" not in evaluate_records(VQA, "vqa")[0]  # TextVQA-like records carry no type
+    with pytest.raises(ArtifactError, match=r"d: no 'answer_type' string, while other records have one"):
+        evaluate_records([*TYPED[:3], {k: v for k, v in TYPED[3].items() if k != "answer_type"}], "vqa")
+    # Joined from --references with the answers.
+    preds = [{"id": r["id"], "output": r["output"]} for r in TYPED]
+    joined = join_references(preds, TYPED, "vqa")
+    assert evaluate_records(joined, "vqa")[0]["by_answer_type"] == summary["by_answer_type"]
+
+
+def test_cli_reports_by_answer_type_and_rows_carry_it(tmp_path):
+    per = tmp_path / "per.jsonl"
+    r = run("-c", "vqav2", "--per-example", str(per), stdin=lines(TYPED))
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["by_answer_type"]["yes/no"] == {"accuracy": pytest.approx(80.0), "n": 2}
+    assert summary["okvqa_stem"] is False
+    assert [json.loads(line)["answer_type"] for line in per.read_text().splitlines()] == [
+        "yes/no", "yes/no", "number", "other"]
+
+
+def test_top5_over_the_scores_breaks_ties_as_top1():
+    # Seven classes; a is best, then b; c, d, e and f tie at -3, so the top five are a b c d e.
+    scores = {"a": -1.0, "b": -2.0, "c": -3.0, "d": -3.0, "e": -3.0, "f": -3.0, "g": -4.0}
+    records = [{"id": i, "scores": scores, "prediction": "a", "label": label} for i, label in enumerate("fea")]
+    summary, rows = evaluate_records(records, "top1")
+    assert summary["score"] == pytest.approx(100 / 3)  # only the third is a
+    assert summary["top5"] == pytest.approx(200 / 3)  # e and a are in the top five, f (tied, later) is not
+    assert [(row["score"], row["top5"]) for row in rows] == [(0.0, 0.0), (0.0, 1.0), (1.0, 1.0)]
+    # Generations (no scores) and four choices (STAR: every label in the top five) report no top5.
+    assert "top5" not in evaluate_records([{"id": 1, "output": "a", "label": "a"}], "top1")[0]
+    four = [{"id": 1, "scores": {"a": -1.0, "b": -2.0, "c": -3.0, "d": -4.0}, "prediction": "a", "label": "d"}]
+    assert "top5" not in evaluate_records(four, "top1")[0]
+
+
+def test_top5_of_a_prompt_ensemble_ranks_the_averaged_scores():
+    base = {c: -5.0 for c in "abcdefg"}
+    records = [{"id": "q", "ensemble": 0, "scores": {**base, "g": -1.0}, "prediction": "g", "label": "f"},
+               {"id": "q", "ensemble": 1, "scores": {**base, "f": 1.0}, "prediction": "f", "label": "f"}]
+    # Means: f (-2), g (-3), the rest -5: f is first, so top-1 and top-5 both hit.
+    summary, rows = evaluate_records(records, "top1")
+    assert summary["score"] == 100.0 and summary["top5"] == 100.0
+
+
+def test_the_caption_suite_scores_cider_as_cider_does_and_says_what_it_lacks():
+    records = [{"id": "a", "output": "a red circle", "captions": ["a red circle", "a red ring"]},
+               {"id": "b", "output": "a blue square", "captions": ["a green square", "a blue box"]},
+               {"id": "c", "output": "two dogs", "captions": ["two dogs play", "dogs"]}]
+    cider, cider_rows = evaluate_records(records, "cider")
+    suite, rows = evaluate_records(records, "captions", caption_backend="python")
+    assert suite["score"] == suite["cider"] == pytest.approx(cider["score"])
+    assert [r["score"] for r in rows] == pytest.approx([100 * r["score"] for r in cider_rows])
+    assert suite["backend"] == "python" and set(suite["missing"]) == {"meteor", "spice"}
+    assert {"bleu1", "bleu4", "rouge_l"} <= set(suite) and {"bleu1", "rouge_l"} <= set(rows[0])

@@ -165,3 +165,29 @@ def test_rareact_mwap_by_hand():
 
     # Ties share a threshold, as scikit-learn's average_precision_score treats them.
     assert weighted_average_precision([1, 0, 1], [0.5, 0.5, 0.1], [1, 1, 1]) == pytest.approx(0.5 * 0.5 + 0.5 * 2 / 3)
+
+
+def test_vqa_accuracy_by_answer_type_averages_each_questions_accuracy():
+    from flamingo_cli.evaluation.metrics import vqa_accuracy_by_type
+
+    # Accuracies 1, 0.6 (yes/no), 0.9 (number), 0: per type the mean of the questions' own
+    # (leave-one-out averaged) accuracies, in percent, with the count; sorted by type.
+    table = vqa_accuracy_by_type(["yes/no", "number", "yes/no", "other"], [1.0, 0.9, 0.6, 0.0])
+    assert table == {"number": {"accuracy": pytest.approx(90.0), "n": 1}, "other": {"accuracy": 0.0, "n": 1},
+                     "yes/no": {"accuracy": pytest.approx(80.0), "n": 2}}
+    assert list(table) == ["number", "other", "yes/no"]
+    # Not the last leave-one-out subset's accuracy (an early vqaEval.py's slip): k = 2 matches of
+    # ten gives 0.6 for the question, though the subset leaving out the last ("no") answer gives 1/3.
+    answers = ["yes"] * 8 + ["no"] * 2
+    assert vqa_accuracy("no", answers) == pytest.approx(0.6)
+    assert vqa_accuracy_by_type(["yes/no"], [vqa_accuracy("no", answers)])["yes/no"]["accuracy"] == pytest.approx(60.0)
+
+
+def test_top_k_keeps_candidate_order_among_equal_scores():
+    from flamingo_cli.evaluation.metrics import top_k
+
+    scores = {"a": -3.0, "b": -1.0, "c": -3.0, "d": -2.0, "e": -3.0, "f": -3.0, "g": -4.0}
+    assert top_k(scores, 5) == ["b", "d", "a", "c", "e"]  # f ties with a, c, e but comes after them
+    assert top_k(scores, 1) == [max(scores, key=scores.get)]  # top-1's tie rule: the first maximum
+    assert top_k({"x": 0.0, "y": 0.0}, 1) == ["x"]
+    assert top_k(scores, 10) == ["b", "d", "a", "c", "e", "f", "g"]

@@ -10,7 +10,8 @@ Every record has
   split   the split asked for
 and, by task,
   vqa             question, answers (all human answers, in file order), answer (the one
-                  shown when the record is a demonstration), question_id (native id)
+                  shown when the record is a demonstration), question_id (native id),
+                  question_type and answer_type where annotated; test splits: question only
   videoqa         question, answer, and label (the one answer, for top-1: MSVD-QA,
                   MSRVTT-QA) or answers (iVQA's five; NExT-QA's one or two, with type,
                   its question type); STAR: candidates (its choices), label
@@ -19,9 +20,12 @@ and, by task,
                   image_id (native id)
   hatefulmemes    text, and where the split is labelled: label ("yes"/"no"), label_id (1/0)
   classification  label (class name), synset
+  dialogue        (VisDial) caption, history, question, dialogue (the prompt text), candidates,
+                  round, image_id; where known label, gt_index; the dense round's relevance
 
 Native layouts under `root` (see each reader's docstring for details):
-  vqav2        v2_OpenEnded_mscoco_{split}2014_questions.json, v2_mscoco_{split}2014_annotations.json
+  vqav2        v2_OpenEnded_mscoco_{split}2014_questions.json, v2_mscoco_{split}2014_annotations.json;
+               test-dev, test: v2_OpenEnded_mscoco_{test-dev,test}2015_questions.json, test2015/
   okvqa        OpenEnded_mscoco_{split}2014_questions.json, mscoco_{split}2014_annotations.json
   vizwiz       Annotations/{split}.json
   textvqa      TextVQA_0.5.1_{split}.json
@@ -37,6 +41,8 @@ Native layouts under `root` (see each reader's docstring for details):
   vatex        vatex_{training,validation}_v1.0.json, vatex_public_test_english_v1.1.json, videos/
   youcook2     youcookii_annotations_trainval.json, raw_videos/
   rareact      rareact.csv, videos/
+  visdial      visdial_1.0_{split}.json, visdial_1.0_val_dense_annotations.json, VisualDialog_{val,test}2018/,
+               train2014/ and val2014/ (or VisualDialog_train2018/)
 
 Anything wrong with the files (missing, malformed, a required field absent) and any
 unknown benchmark or split raises ArtifactError with a one-line message.
@@ -53,12 +59,13 @@ from ...formats.artifacts import ArtifactError
 from .captioning import read_coco, read_flickr30k, read_vatex, read_youcook2
 from .classification import imagenet_classnames, rareact_classnames, read_hatefulmemes, read_imagenet, read_rareact
 from .videoqa import read_ivqa, read_msrvttqa, read_msvdqa, read_nextqa, read_star
+from .visdial import read_visdial
 from .vqa import read_okvqa, read_textvqa, read_vizwiz, read_vqav2
 
 __all__ = ["BENCHMARKS", "TASKS", "Benchmark", "imagenet_classnames", "rareact_classnames", "read_benchmark",
            "sample"]
 
-TASKS = ("vqa", "captioning", "classification", "hatefulmemes", "videoqa")
+TASKS = ("vqa", "captioning", "classification", "hatefulmemes", "videoqa", "dialogue")
 
 
 @dataclass(frozen=True)
@@ -73,13 +80,13 @@ class Benchmark:
 # -- registry ---------------------------------------------------------------------------
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
-    Benchmark("vqav2", "vqa", ("train", "val"), read_vqav2,
+    Benchmark("vqav2", "vqa", ("train", "val", "test-dev", "test"), read_vqav2,
               "VQAv2 open-ended questions on COCO 2014 images"),
     Benchmark("okvqa", "vqa", ("train", "val"), read_okvqa,
               "OK-VQA outside-knowledge questions on COCO 2014 images"),
-    Benchmark("vizwiz", "vqa", ("train", "val"), read_vizwiz,
+    Benchmark("vizwiz", "vqa", ("train", "val", "test"), read_vizwiz,
               "VizWiz-VQA questions from blind photographers"),
-    Benchmark("textvqa", "vqa", ("train", "val"), read_textvqa,
+    Benchmark("textvqa", "vqa", ("train", "val", "test"), read_textvqa,
               "TextVQA 0.5.1 questions that need reading text in images"),
     Benchmark("coco", "captioning", ("train", "val", "test"), read_coco,
               "COCO captions, Karpathy split (train includes restval)"),
@@ -106,6 +113,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               "YouCook2 captions of cooking-video segments"),
     Benchmark("rareact", "classification", ("test",), read_rareact,
               "RareAct zero-shot ranking of unusual verb-noun interactions"),
+    Benchmark("visdial", "dialogue", ("train", "val", "test"), read_visdial,
+              "VisDial v1.0 dialogue rounds, 100 candidate answers each, ranked"),
 )}
 
 

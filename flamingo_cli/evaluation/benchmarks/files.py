@@ -50,6 +50,13 @@ def field(item: Any, key: str, kind: type | tuple[type, ...], path: Path, where:
     return expect(item[key], kind, path, f"{where} field '{key}'")
 
 
+def optional(item: Any, key: str, kind: type | tuple[type, ...], path: Path, where: str) -> Any:
+    """item[key] checked as field() checks it, or None where the item has no such key."""
+    if isinstance(item, dict) and key not in item:
+        return None
+    return field(item, key, kind, path, where)
+
+
 def top_list(data: Any, key: str, path: Path) -> list:
     """data[key] for a top-level JSON object holding a list under `key`."""
     return field(data, key, list, path, "top-level object")
