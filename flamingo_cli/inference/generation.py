@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -101,3 +101,61 @@ def batches(items: Iterable, size: int) -> Iterator[list]:
     items = iter(items)
     while batch := list(itertools.islice(items, size)):
         yield batch
+
+
+def stream_record(model, record: dict, media: MediaResolver, *, max_new_tokens: int = 20, device: str = "cpu",
+                  prefix_cache=None, stop_at: Sequence[str] = ()) -> Iterator[str]:
+    """One prompt record's greedy answer as pieces of text, each given out as soon as the tokens
+    produced so far settle it: joined, they are the `output` generate_records gives the record
+    with num_beams=1, cut before the first of `stop_at` (cut_text), where decoding stops too.
+
+    The tokens are generate's: the prompt runs once (from the prefix cache as there), then each
+    model.generate call continues the same KV cache by one token, the step transformers' own
+    loop takes. The text is the growing sequence decoded whole each time (so a word made of
+    several tokens, or a character of several bytes, comes out right), less what a later token
+    may still change: trailing whitespace, an incomplete character, the start of a stop marker."""
+    from transformers import DynamicCache
+
+    prompt, entries = check_prompt_record(record)
+    visuals = [media.visuals(entries)]
+    batch = tokenize_prompts(model, [prompt], return_tensors="pt").to(device)
+    ids = batch.input_ids
+    check_context(model, record.get("id", "<record>"), ids.shape[1], max_new_tokens, "--max-new-tokens allows")
+    cache = None if prefix_cache is None else _cached_prompts(prefix_cache, batch, [entries], visuals)
+    cache = DynamicCache() if cache is None else cache
+    visual = pad_media(visuals)
+    tokenizer = model.tokenizer
+    ends = {tokenizer.convert_tokens_to_ids(model.config.end_of_chunk_token), tokenizer.eos_token_id} - {None}
+    new, given = [], ""
+    for _ in range(max_new_tokens):
+        token = model.generate(ids, visual, num_beams=1, max_new_tokens=1, cache=cache)[:, -1:]
+        if int(token) in ends:
+            break
+        ids = torch.cat([ids, token], dim=1)
+        new.append(int(token))
+        # A trailing U+FFFD stands for a character whose other bytes are still to come.
+        text = tokenizer.decode(new, skip_special_tokens=True, **decode_options(tokenizer)).rstrip("\ufffd")
+        done = any(marker and marker in text for marker in stop_at)
+        settled = cut_text(text, stop_at) if done else _settled(text, stop_at)
+        if settled.startswith(given) and len(settled) > len(given):
+            yield settled[len(given):]
+            given = settled
+        if done:
+            return
+    final = cut_text(tokenizer.decode(new, skip_special_tokens=True, **decode_options(tokenizer)), stop_at)
+    if final.startswith(given) and len(final) > len(given):
+        yield final[len(given):]
+
+
+def _settled(text: str, stop_at: Sequence[str]) -> str:
+    """The part of a growing answer's text (stripped) that more tokens will not change."""
+    text = text.strip()
+    held = max((n for marker in stop_at for n in range(min(len(marker), len(text)), 0, -1)
+                if text.endswith(marker[:n])), default=0)
+    return text[:len(text) - held].rstrip()
+
+
+def cut_text(text: str, markers: Sequence[str]) -> str:
+    """The text before the first of `markers` (e.g. the model starting a new round), stripped."""
+    ends = [i for i in (text.find(m) for m in markers if m) if i >= 0]
+    return text[:min(ends, default=len(text))].strip()
