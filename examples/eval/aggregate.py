@@ -3,10 +3,11 @@
     python examples/eval/aggregate.py OUT
 
 Reads OUT/<bench>/cells/<k>shot-seed<s>.json (each one `flamingo evaluate` summary) and writes,
-in OUT: results.json ({bench: {metric, shots: {k: {mean, std, n_seeds, seeds}}}}), results.md
-(one row per benchmark, one column per shot count, mean ± std over seeds) and fewshot.png
-(the metric against the number of shots, one line per benchmark). std is the sample standard
-deviation over seeds (0 with one seed).
+in OUT: results.json ({bench: {metric, protocol, shots: {k: {mean, std, n_seeds, seeds}}}}; caption
+benchmarks add suite: {k: {BLEU-1 .. SPICE: mean over seeds}} and the backend that scored them),
+results.md (one row per benchmark, one column per shot count, mean ± std over seeds; then the
+caption suite, a row per benchmark and shot count) and fewshot.png (the metric against the number
+of shots, one line per benchmark). std is the sample standard deviation over seeds (0 with one seed).
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ BENCH_NAMES = {"vqav2": "VQAv2", "okvqa": "OK-VQA", "vizwiz": "VizWiz", "textvqa
                "flickr30k": "Flickr30K", "hatefulmemes": "HatefulMemes", "imagenet": "ImageNet", "msvdqa": "MSVD-QA",
                "msrvttqa": "MSRVTT-QA", "ivqa": "iVQA", "nextqa": "NextQA", "star": "STAR", "vatex": "VATEX", "youcook2": "YouCook2",
                "rareact": "RareAct", "visdial": "VisDial"}
+# The caption suite's columns (evaluate --metric captions), in pycocoevalcap's order.
+SUITE = {"bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4", "meteor": "METEOR",
+         "rouge_l": "ROUGE-L", "cider": "CIDEr", "spice": "SPICE"}
 
 
 def collect(out: Path) -> dict:
@@ -30,9 +34,17 @@ def collect(out: Path) -> dict:
     for cell in sorted(out.glob("*/cells/*.json")):
         summary = json.loads(cell.read_text())
         bench = summary.get("bench", cell.parent.parent.name)
-        entry = results.setdefault(bench, {"metric": summary["metric"], "shots": {}})
+        entry = results.setdefault(bench, {"metric": summary["metric"], "protocol": summary.get("protocol", "flamingo"),
+                                           "shots": {}})
         entry["shots"].setdefault(str(summary["shots"]), {})["seed" + str(summary["seed"])] = summary["score"]
+        if "backend" in summary:
+            entry["backend"] = summary["backend"]
+            runs = entry.setdefault("suite_runs", {}).setdefault(str(summary["shots"]), [])
+            runs.append({name: summary[key] for key, name in SUITE.items() if key in summary})
     for entry in results.values():
+        if "suite_runs" in entry:
+            entry["suite"] = {k: {name: statistics.fmean(run[name] for run in runs) for name in runs[0]}
+                              for k, runs in sorted(entry.pop("suite_runs").items(), key=lambda kv: int(kv[0]))}
         table = {}
         for k in sorted(entry["shots"], key=int):
             scores = list(entry["shots"][k].values())
@@ -54,6 +66,17 @@ def markdown(results: dict) -> str:
             cells.append("" if cell is None else f"{cell['mean']:.1f} ± {cell['std']:.1f}")
         lines.append(f"| {BENCH_NAMES.get(bench, bench)} | {METRIC_NAMES.get(entry['metric'], entry['metric'])} | "
                      + " | ".join(cells) + " |")
+    suites = {bench: entry for bench, entry in sorted(results.items()) if "suite" in entry}
+    if suites:
+        rows = [row for entry in suites.values() for row in entry["suite"].values()]
+        names = [name for name in SUITE.values() if any(name in row for row in rows)]
+        lines += ["", "| benchmark | shots | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for bench, entry in suites.items():
+            for k, row in entry["suite"].items():
+                lines.append(f"| {BENCH_NAMES.get(bench, bench)} | {k} | "
+                             + " | ".join(f"{row[n]:.1f}" if n in row else "" for n in names) + " |")
+        backends = sorted({entry["backend"] for entry in suites.values()})
+        lines += ["", f"Caption metrics by {' and '.join(backends)} (mean over seeds)."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,11 +1,13 @@
 """Two benchmarks in miniature, in their native download layouts, from the toy world of examples/toy:
 pictures the bundled model can read, so a sweep on them shows real few-shot behaviour.
 
-    python examples/eval/toy_benchmarks.py DIR      # DIR/vqav2 (VQAv2 layout), DIR/hatefulmemes, DIR/msrvttqa
+    python examples/eval/toy_benchmarks.py DIR      # DIR/vqav2 (VQAv2 layout), DIR/hatefulmemes, DIR/coco, DIR/msrvttqa
 
 - vqav2: "What colour is the shape?" with ten human answers (eight agree).
 - hatefulmemes: the HatefulMemes layout with "hateful" meaning "the picture is red": a task
   the model can only learn from the demonstrations.
+- coco: COCO's Karpathy-split layout (dataset_coco.json), five reference captions per picture,
+  worded as people word them differently, for the caption metric suite.
 - msrvttqa: the MSRVTT-QA layout, short H.264 clips of one toy shape, "What colour is the shape?".
 """
 from __future__ import annotations
@@ -59,6 +61,25 @@ def make_hatefulmemes(root: Path, n: int = 8) -> None:
         (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
 
 
+def make_coco(root: Path, n: int = 10) -> None:
+    """A COCO Karpathy download in miniature: train and test pictures with five references each."""
+    rng = random.Random(3)
+    images = []
+    for split in ("train", "test"):
+        (root / f"{split}2014").mkdir(parents=True)
+        for i in range(n):
+            image_id = 1000 * (split == "test") + i
+            colour, shape = rng.choice(COLOURS), rng.choice(world.SHAPES)
+            name = f"COCO_{split}2014_{image_id:012d}.jpg"
+            world.draw(colour, shape, seed=5000 + image_id).save(root / f"{split}2014" / name)
+            a = world.article(colour)
+            words = [f"{a} {colour} {shape}", f"a {shape} that is {colour}", f"{a} {colour} {shape} on a dark background",
+                     f"a single {colour} {shape}", f"the {shape} is {colour}"]
+            images.append({"filepath": f"{split}2014", "filename": name, "cocoid": image_id, "split": split,
+                           "sentences": [{"raw": w, "tokens": w.split()} for w in words]})
+    (root / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+
+
 def make_msrvttqa(root: Path, n: int = 6, frames: int = 6) -> None:
     """An MSRVTT-QA download in miniature: clips of one shape redrawn in each frame (2 FPS,
     H.264), one colour question each; train clips are MSR-VTT's TrainValVideo, test its TestVideo."""
@@ -90,7 +111,9 @@ if __name__ == "__main__":
     parser.add_argument("dir", type=Path)
     parser.add_argument("--questions", type=int, default=24, help="VQAv2 questions per split")
     parser.add_argument("--memes", type=int, default=16, help="memes per split")
+    parser.add_argument("--captions", type=int, default=16, help="COCO pictures per split")
     args = parser.parse_args()
     make_vqav2(args.dir / "vqav2", args.questions)
     make_hatefulmemes(args.dir / "hatefulmemes", args.memes)
+    make_coco(args.dir / "coco", args.captions)
     make_msrvttqa(args.dir / "msrvttqa")

@@ -236,7 +236,8 @@ def shot_options(f):
         click.option("-k", "k", type=click.IntRange(min=0), default=4, show_default=True,
                      help="Shots per prompt; 0 = zero-shot with 2 text-only examples."),
         click.option("--select", type=click.Choice(["random", "rices", "first"]), default="random", show_default=True,
-                     help="Shot selection; rices = most similar by pooled features, most similar last."),
+                     help="Shot selection; rices = most similar by pooled features or an image embedding (prompt "
+                          "--rices-vectors), most similar last."),
         click.option("--template", default="captioning", show_default=True,
                      help="Prompt template NAME (stages/prompt/) or YAML FILE."),
     ]):
@@ -343,7 +344,7 @@ def autocast_dtype(name: str):
 
 
 def shot_prompts(queries: Iterable[dict], shots_file: str, k: int, select: str, seed: int, template_name: str,
-                 ensembles: int = 1, *, quiet: bool = False) -> Iterator[dict]:
+                 ensembles: int = 1, *, quiet: bool = False, rices_vectors: str = "pooled") -> Iterator[dict]:
     """--shots FILE, -k, --select, --template: the queries' few-shot prompt records, made as the
     queries arrive (the template and support set are read now, so their errors come first). A
     user who hands over a shots file without -k means "use these": up to the default -k of them."""
@@ -367,7 +368,7 @@ def shot_prompts(queries: Iterable[dict], shots_file: str, k: int, select: str, 
 
     def prompts():
         yield from prompt_records(template, counted(queries), support, k=k, method=select, seed=seed,
-                                  ensembles=ensembles, at_most=default_k)
+                                  ensembles=ensembles, at_most=default_k, vectors=rices_vectors)
         if default_k and counts[1] and not quiet:
             click.echo(f"flamingo {ctx.info_name}: {shots_file} has fewer than the default {k} shots for {counts[1]} "
                        f"of {counts[0]} queries; their prompts use all it has (-k N requires N)", err=True)

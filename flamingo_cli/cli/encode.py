@@ -30,10 +30,17 @@ from .placing import placed, placed_run, shard_option
 @click.option("--clip", type=click.Choice(["center", "random", "uniform"]), default="center", show_default=True,
               help="Where a video's clip is: the window centred in it, a window at a random start (seeded by "
               "--seed and the video's content), or frames spread uniformly over the whole video.")
+@click.option("--embedding", "embedding_name", metavar="NAME|FILE",
+              help="Also add `embedding`, a CLIP image embedding for prompt --select rices, by a timm CLIP tower "
+              "run as OpenFlamingo's RICES runs open_clip's (vit_large_patch14_clip_224.openai is its ViT-L-14 "
+              "openai), or by the `encoder:` of a YAML FILE (an init preset, a checkpoint's config.yaml).")
+@click.option("--embedding-weights", metavar="FILE|REPO",
+              help="Weights for the --embedding tower (open_clip's or timm's layout, or a hub repo of them) "
+              "instead of timm's pretrained ones.")
 @dtype_option
 @shard_option
 def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, workers, skip_bad, wds_pattern,
-           max_pixels, shard_size, frames, fps, clip, dtype, shard):
+           max_pixels, shard_size, frames, fps, clip, embedding_name, embedding_weights, dtype, shard):
     """Encode images and videos with the checkpoint's frozen vision encoder.
 
     INPUTS are image or video files, directories (searched recursively, in sorted order),
@@ -50,6 +57,11 @@ def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, worke
     re-encoding is free. Records are read as they arrive and written as each batch
     finishes. With --wds, it also writes feature shards for `flamingo pretrain` (a
     document's `features` is a list, one reference per entry of its `images`).
+    With --embedding, each record also gets `embedding` (PATH.safetensors#embedding,
+    frames x dim): the tower's projected CLS token after its final norm, as open_clip's
+    encode_image gives it, from open_clip's preprocessing (the short side resized to the
+    input size, bicubic, a centre crop), in float32; cached by content and tower, so a
+    support set is embedded once.
     Under torchrun or srun, windows of records are dealt to the ranks and rank 0 writes
     the output in input order; --shard I/N splits the work across independent jobs.
     """
@@ -68,6 +80,10 @@ def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, worke
     if wds_pattern and (place.size > 1 or place.shard):
         raise click.UsageError("--wds packs shards as one process: encode the records sharded first, then run "
                                "encode --wds once with the same --out (the features are found, not recomputed)")
+    if embedding_name and wds_pattern:
+        raise click.UsageError("--embedding is for prompt --select rices: encode the records with it, not --wds")
+    if embedding_weights and not embedding_name:
+        raise click.UsageError("--embedding-weights needs --embedding NAME")
     quiet = quiet or not place.leader
     setup(seed, quiet)
 
@@ -88,6 +104,7 @@ def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, worke
     encoder, identity = load_checkpoint_encoder(checkpoint_dir(ckpt, quiet=quiet))
     device = place.device(device)
     encoder = encoder.to(device)
+    embedder = _embedder(embedding_name, embedding_weights).to(device) if embedding_name else None
     skipped = []
     root = Path(out_dir) if out_dir else cache_dir()
     options = dict(root=root, batch_size=batch_size, workers=workers, skip_bad=skip_bad, device=device,
@@ -105,7 +122,7 @@ def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, worke
     else:
         def work(window):  # a window is what one DataLoader decodes: the unit dealt to a rank
             bad = []
-            for batch in encode_records(encoder, identity, window, on_skip=bad.append, **options):
+            for batch in encode_records(encoder, identity, window, on_skip=bad.append, embedder=embedder, **options):
                 yield batch, [*bad]
                 bad.clear()
 
@@ -116,3 +133,40 @@ def encode(inputs, ckpt, output, device, seed, quiet, out_dir, batch_size, worke
                 write(outputs)
     if skipped:
         click.echo(f"flamingo encode: skipped {len(skipped)} unreadable file(s); first: {skipped[0]}", err=True)
+
+
+def _embedder(name: str, weights: str | None):
+    """The --embedding tower: a timm name run as OpenFlamingo would, or a YAML file's encoder."""
+    from pathlib import Path
+
+    from ..importers.clip_towers import embedding_config, load_clip_embedding
+
+    if Path(name).suffix in (".yaml", ".yml"):
+        config, base = _yaml_encoder(Path(name)), Path(name).parent
+        config.weights = weights or config.weights
+    else:
+        config, base = embedding_config(name, weights), None
+    return load_clip_embedding(config, base)
+
+
+def _yaml_encoder(path):
+    """The `encoder:` of a YAML file (an init preset, a checkpoint's config.yaml)."""
+    import yaml
+
+    from ..errors import ConfigError
+    from ..model.config import FlamingoConfig
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise click.ClickException(f"{path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise click.ClickException(f"{path}: not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        raise click.ClickException(f"{path}: invalid YAML ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("encoder"), dict):
+        raise click.ClickException(f"{path}: no `encoder:` mapping to take the --embedding tower from")
+    try:
+        return FlamingoConfig.from_dict({"encoder": data["encoder"]}).encoder
+    except ConfigError as e:
+        raise click.ClickException(f"{path}: {e}") from None

@@ -6,6 +6,8 @@ tensors are laid out on disk (man/flamingo-artifacts.5 documents the same, for u
 Tensors: safetensors files, referenced from records as "PATH#KEY". Each file's
 metadata names what made it (`encoder`, and for visual tokens the `checkpoint`), so a
 reference carries the identity of the encoder and a model refuses foreign features.
+An image embedding (`encode --embedding`, the similarity vector of OpenFlamingo's RICES) lies in
+a file of its own, (frames, dim) under EMBEDDING, its tower's identity in `embedding`.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from ..errors import FlamingoError
 
 FORMAT = "flamingo/1"
 FEATURES, POOLED, VISUAL = "features", "pooled", "visual"
+EMBEDDING = "embedding"
 
 
 class ArtifactError(FlamingoError):
@@ -262,6 +265,12 @@ def tensor_path(root: Path, content: str, identity: str) -> Path:
     """Content-addressed: the same media under the same encoder (or model) maps to the same file."""
     key = digest_bytes(f"{content}\0{identity}".encode())
     return root / key[:2] / f"{key}.safetensors"
+
+
+def embedding_path(root: Path, content: str, identity: str) -> Path:
+    """Where the embedding of `content` by the tower `identity` lies: content-addressed like
+    features, apart from them even when the tower is the checkpoint's own encoder."""
+    return tensor_path(root, f"{content}\0{EMBEDDING}", identity)
 
 
 # -- training shards ----------------------------------------------------------------------

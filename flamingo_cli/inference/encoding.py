@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..formats.artifacts import FEATURES, POOLED, VISUAL, ArtifactError, digest_file, load_ref, make_ref, \
-    save_tensors, split_ref, storage_errors, tensor_path
+from ..formats.artifacts import EMBEDDING, FEATURES, POOLED, VISUAL, ArtifactError, digest_file, embedding_path, \
+    load_ref, make_ref, save_tensors, split_ref, storage_errors, tensor_path
 from .generation import batches
 from .media import MAX_PIXELS, MediaFiles
 from .video import EVAL_SAMPLING, FrameSampling
@@ -41,18 +41,23 @@ def clip_span(record: dict) -> tuple[float, float] | None:
 def encode_records(encoder, identity: str, records: Iterable[dict], *, root: Path, batch_size: int = 16,
                    workers: int = 1, skip_bad: bool = False, device: str = "cpu", dtype: torch.dtype | None = None,
                    on_skip: Callable[[str], None] | None = None, max_pixels: int | None = MAX_PIXELS,
-                   sampling: FrameSampling = EVAL_SAMPLING) -> Iterator[list[dict]]:
+                   sampling: FrameSampling = EVAL_SAMPLING, embedder=None) -> Iterator[list[dict]]:
     """Encode each record's `image` or `video` (its frames sampled by `sampling`, from its
     `start`..`end` segment when it has one); yield the
     records of each batch of `batch_size` media, in input order, with `features` (a reference to
     (frames, tokens, d) features) and `encoder` added. Frames go through the encoder one by one,
     `batch_size` frames a forward, across the batch's videos and images. Media over
     `max_pixels` are refused undecoded (an error, or skipped with skip_bad). Records are read as
-    they are consumed, WINDOW batches at a time: memory is bounded by that, not by the input."""
+    they are consumed, WINDOW batches at a time: memory is bounded by that, not by the input.
+
+    With an `embedder` (a module with `transform()` and `identity`, mapping pixels (n, 3, H, W)
+    to (n, d): importers.clip_towers.ClipEmbedding), each record also gets `embedding`, a
+    reference to its media's (frames, d) image embedding, in float32 whatever `dtype` (as
+    OpenFlamingo's RICES computes it), cached by content, frame sampling and the tower's identity."""
     for window in batches(records, batch_size * WINDOW):
         yield from _encode_window(encoder, identity, window, root=root, batch_size=batch_size, workers=workers,
                                   skip_bad=skip_bad, device=device, dtype=dtype, on_skip=on_skip,
-                                  max_pixels=max_pixels, sampling=sampling)
+                                  max_pixels=max_pixels, sampling=sampling, embedder=embedder)
 
 
 # Batches of records one DataLoader decodes ahead of the encoder: enough to keep its workers busy.
@@ -61,39 +66,86 @@ WINDOW = 8
 
 def _encode_window(encoder, identity: str, records: list[dict], *, root: Path, batch_size: int, workers: int,
                    skip_bad: bool, device: str, dtype: torch.dtype | None, on_skip: Callable[[str], None] | None,
-                   max_pixels: int | None, sampling: FrameSampling) -> Iterator[list[dict]]:
+                   max_pixels: int | None, sampling: FrameSampling, embedder) -> Iterator[list[dict]]:
     items = [(kind, path, clip_span(r) if kind == "video" else None) for r in records
              for kind, path in [media_item(r)]]
-    target = lambda key: tensor_path(root, key, identity)  # noqa: E731
-    dataset = MediaFiles(items, encoder.transform(), lambda key: target(key).exists(), max_pixels=max_pixels,
-                         sampling=sampling)
+    run = dict(items=items, batch_size=batch_size, workers=workers, device=device, max_pixels=max_pixels,
+               sampling=sampling)
+    embedded = _embed_window(embedder, root=root, **run) if embedder is not None else {}
+
+    def target(key: str) -> Path:
+        return tensor_path(root, key, identity)
+
+    def save(item: dict, f: torch.Tensor) -> None:
+        meta = _metadata(items[item["index"]], item, f, sampling, encoder=identity)
+        save_tensors(target(item["digest"]), {FEATURES: f, POOLED: f.mean(dim=(0, 1))}, meta)
+
+    features = _computed(lambda chunk: encoder(chunk)[:, 0], encoder.transform(), target, save, dtype=dtype, **run)
+    for batch in features:
+        out = []
+        for item in batch:
+            error = item.get("error") or embedded.get(item["index"], (None, None))[1]
+            if error:
+                if not skip_bad:
+                    raise ArtifactError(error)
+                if on_skip:
+                    on_skip(error)
+                continue
+            record = {**records[item["index"]], "features": make_ref(target(item["digest"]), FEATURES),
+                      "encoder": identity}
+            if embedder is not None:
+                record["embedding"] = embedded[item["index"]][0]
+            out.append(record)
+        yield out
+
+
+def _embed_window(embedder, *, root: Path, items: list, sampling: FrameSampling, **run) -> dict[int, tuple]:
+    """Item index -> (its embedding's reference, None) or (None, why its media could not be read),
+    the embeddings not yet cached computed in float32."""
+    def target(key: str) -> Path:
+        return embedding_path(root, key, embedder.identity)
+
+    def save(item: dict, e: torch.Tensor) -> None:
+        meta = _metadata(items[item["index"]], item, e, sampling, embedding=embedder.identity)
+        save_tensors(target(item["digest"]), {EMBEDDING: e}, meta)
+
+    done = {}
+    for batch in _computed(embedder, embedder.transform(), target, save, dtype=None, items=items, sampling=sampling,
+                           **run):
+        done.update((item["index"], (None, item["error"]) if "error" in item
+                     else (make_ref(target(item["digest"]), EMBEDDING), None)) for item in batch)
+    return done
+
+
+def _computed(model, transform, target: Callable[[str], Path], save: Callable[[dict, torch.Tensor], None], *,
+              items: list, batch_size: int, workers: int, device: str, dtype: torch.dtype | None,
+              max_pixels: int | None, sampling: FrameSampling) -> Iterator[list[dict]]:
+    """The DataLoader's batches of `items`, each medium not yet at its `target` decoded and run
+    through `model` frame by frame (`batch_size` frames a forward, (frames, ...) per medium), and
+    saved; the items carry `index`, and `digest` or `error`."""
+    dataset = MediaFiles(items, transform, lambda key: target(key).exists(),
+                         max_pixels=max_pixels, sampling=sampling)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_unshared)
     for batch in loader:
         fresh = [item for item in batch if item.get("pixels") is not None]
         if fresh:
             frames = torch.cat([torch.from_numpy(item["pixels"]) for item in fresh])
             with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None):
-                features = torch.cat([encoder(chunk.to(device)).float()[:, 0]  # (frames, tokens, d)
-                                      for chunk in frames.split(batch_size)])
-            for item, f in zip(fresh, features.split([len(item["pixels"]) for item in fresh])):
-                kind, path, span = items[item["index"]]
-                meta = {"encoder": identity, "source": str(path), "frames": str(f.shape[0])}
-                if kind == "video":
-                    meta.update(sampling=sampling.key(), times=",".join(f"{t:.3f}" for t in item["times"]))
-                    if span is not None:
-                        meta["span"] = f"{span[0]:g}-{span[1]:g}"
-                save_tensors(target(item["digest"]), {FEATURES: f, POOLED: f.mean(dim=(0, 1))}, meta)
-        out = []
-        for item in batch:
-            if "error" in item:
-                if not skip_bad:
-                    raise ArtifactError(item["error"])
-                if on_skip:
-                    on_skip(item["error"])
-                continue
-            ref = make_ref(target(item["digest"]), FEATURES)
-            out.append({**records[item["index"]], "features": ref, "encoder": identity})
-        yield out
+                outputs = torch.cat([model(chunk.to(device)).float() for chunk in frames.split(batch_size)])
+            for item, output in zip(fresh, outputs.split([len(item["pixels"]) for item in fresh])):
+                save(item, output)
+        yield batch
+
+
+def _metadata(medium: tuple, item: dict, tensor: torch.Tensor, sampling: FrameSampling, **identity: str) -> dict:
+    """A feature or embedding file's metadata: what made it, from which medium, its frames."""
+    kind, path, span = medium
+    meta = {**identity, "source": str(path), "frames": str(tensor.shape[0])}
+    if kind == "video":
+        meta.update(sampling=sampling.key(), times=",".join(f"{t:.3f}" for t in item["times"]))
+        if span is not None:
+            meta["span"] = f"{span[0]:g}-{span[1]:g}"
+    return meta
 
 
 def _unshared(batch: list[dict]) -> list[dict]:

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import FlamingoError
 from ..formats.presets import preset_path
+from .rices import RicesVectors, rank
 
 IMAGE = "<image>"
 METHODS = ("first", "random", "rices")
@@ -185,7 +186,7 @@ def select_shots(
     The query's own id is never eligible, so a query drawn from the support set cannot see
     its answer. `random` depends only on (seed, query id), so a query gets the same shots
     whatever else is in the batch, and in any process or rank. `rices` takes the k most
-    cosine-similar (pooled vision features), ordered so the most similar comes last."""
+    cosine-similar by the vectors given (rices.RicesVectors), ordered so the most similar comes last."""
     if method not in METHODS:
         raise ValueError(f"unknown shot selection method {method!r} (expected one of {', '.join(METHODS)})")
     if k < 0:
@@ -204,25 +205,7 @@ def select_shots(
     if method == "random":
         # A str seed is hashed with SHA-512 by random.Random, unlike hash(), which is salted per process.
         return random.Random(f"{seed}\0{qid}").sample(eligible, k)
-    return _rices(eligible, k, query_vector, support_vectors, len(support))
-
-
-def _rices(eligible: list[int], k: int, query_vector, support_vectors, n_support: int) -> list[int]:
-    import torch
-
-    if query_vector is None or support_vectors is None:
-        raise ValueError("rices needs query_vector and support_vectors")
-    q = torch.as_tensor(query_vector, dtype=torch.float64)
-    s = torch.as_tensor(support_vectors, dtype=torch.float64)
-    if q.dim() != 1 or s.dim() != 2 or s.shape != (n_support, q.shape[0]):
-        raise ValueError(
-            f"rices needs query_vector (d,) and support_vectors ({n_support}, d), "
-            f"got {tuple(q.shape)} and {tuple(s.shape)}"
-        )
-    similarity = torch.nn.functional.cosine_similarity(s, q.unsqueeze(0), dim=-1).tolist()
-    # Most similar first, ties to the lower index, then reversed so the most similar is last.
-    best = sorted(eligible, key=lambda i: (-similarity[i], i))[:k]
-    return best[::-1]
+    return rank(eligible, k, query_vector, support_vectors, len(support))
 
 
 # -- prompts -----------------------------------------------------------------------------
@@ -306,13 +289,15 @@ def ordered_prompt_records(template: Template, queries: Iterable[dict[str, Any]]
                                  e if len(query_orders) > 1 else None)
 
 
-def rices_shots(queries: Iterable[dict[str, Any]], support: list[dict[str, Any]], k: int) -> Iterator[list[int]]:
-    """For each query, the k support records most cosine-similar to it by pooled features (the
-    encoder's `flamingo encode` stored), most similar last, as `--select rices` chooses them."""
-    pooled = PooledFeatures()
-    vectors = pooled.stack(support)
+def rices_shots(queries: Iterable[dict[str, Any]], support: list[dict[str, Any]], k: int, *,
+                vectors: str = "pooled") -> Iterator[list[int]]:
+    """For each query, the k support records most cosine-similar to it by `vectors` (`pooled`:
+    the encoder's pooled features; `embedding`: the CLIP image embedding, OpenFlamingo's RICES),
+    most similar last, as `--select rices` chooses them."""
+    similarity = RicesVectors(vectors)
+    stacked = similarity.stack(support)
     for query in queries:
-        yield select_shots(query, support, k, "rices", 0, query_vector=pooled(query), support_vectors=vectors)
+        yield select_shots(query, support, k, "rices", 0, query_vector=similarity(query), support_vectors=stacked)
 
 
 def make_prompt_record(template: Template, query: dict[str, Any], support: list[dict[str, Any]], *, k: int,
@@ -338,16 +323,17 @@ def ensemble_orders(n: int, ensembles: int, seed: int, query_id: Any) -> list[li
 
 
 def prompt_records(template: Template, queries: Iterable[dict[str, Any]], support: list[dict[str, Any]], *, k: int,
-                   method: str, seed: int, ensembles: int = 1, at_most: bool = False) -> Iterator[dict[str, Any]]:
+                   method: str, seed: int, ensembles: int = 1, at_most: bool = False,
+                   vectors: str = "pooled") -> Iterator[dict[str, Any]]:
     """Prompt records for every query (what `flamingo prompt` writes), made as the queries are
-    consumed. For `rices`, the similarity vectors are the pooled features that `flamingo encode`
-    stored with each record. With at_most, k is an upper bound: a query with fewer eligible
-    support records (its own id excluded) gets all of them; without it, that is an error."""
-    pooled = PooledFeatures() if method == "rices" else None
-    support_vectors = pooled.stack(support) if pooled else None
+    consumed. For `rices`, the similarity vectors are `vectors` of each record, as `flamingo
+    encode` stored them (see rices_shots). With at_most, k is an upper bound: a query with fewer
+    eligible support records (its own id excluded) gets all of them; without it, that is an error."""
+    similarity = RicesVectors(vectors) if method == "rices" else None
+    support_vectors = similarity.stack(support) if similarity else None
     available = shots_available(support)
     for query in queries:
-        kw = {} if pooled is None else {"query_vector": pooled(query), "support_vectors": support_vectors}
+        kw = {} if similarity is None else {"query_vector": similarity(query), "support_vectors": support_vectors}
         shots = min(k, available(query)) if at_most and k > 0 else k
         yield from make_prompt_records(template, query, support, k=shots, method=method, seed=seed,
                                        ensembles=ensembles, **kw)
@@ -358,29 +344,3 @@ def shots_available(support: list[dict[str, Any]]) -> Callable[[dict[str, Any]],
     (compared as text, as select_shots does)."""
     ids = Counter(str(_record_id(s)) for s in support)
     return lambda query: len(support) - ids[str(_record_id(query))]
-
-
-class PooledFeatures:
-    """The pooled encoder features of a record's `features` reference (RICES' similarity
-    vectors), checked to come from one encoder across every record it is asked about."""
-
-    def __init__(self):
-        self.encoders: set = set()
-
-    def __call__(self, record: dict[str, Any]):
-        from ..formats.artifacts import POOLED, ArtifactError, load_ref, make_ref, split_ref
-
-        ref = record.get("features")
-        if not isinstance(ref, str):
-            raise ArtifactError(f"{record.get('id', '<record>')}: --select rices needs a 'features' reference "
-                                "(run flamingo encode)")
-        vector, meta = load_ref(make_ref(split_ref(ref)[0], POOLED))
-        self.encoders.add(meta.get("encoder"))
-        if len(self.encoders) > 1:
-            raise ArtifactError(f"{ref}: features come from different encoders ({', '.join(map(str, self.encoders))})")
-        return vector.float()
-
-    def stack(self, records: list[dict[str, Any]]):
-        import torch
-
-        return torch.stack([self(r) for r in records])
