@@ -15,9 +15,11 @@ PREFIX = "model.vision_model."
 # The released models' tower (ViT-H/14 at 224); smaller configs override its sizes through kwargs.
 TIMM_NAME = "vit_huge_patch14_clip_224"
 TIMM_DEFAULTS = {"img_size": 224, "patch_size": 14, "embed_dim": 1280, "depth": 32, "num_heads": 16, "mlp_ratio": 4.0}
-# IdeficsImageProcessor's defaults: OpenAI's mean and std, a bicubic resize straight to the input size.
+# IdeficsImageProcessor's defaults: OpenAI's mean and std, a bicubic resize straight to the input size,
+# transparent pixels composited on white (its convert_to_rgb).
 IDEFICS_PREPROCESS = {"crop_pct": 1.0, "crop_mode": "squash", "interpolation": "bicubic",
-                      "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
+                      "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
+                      "background": [255, 255, 255]}
 ACTIVATIONS = {"gelu": None, "quick_gelu": "quick_gelu"}  # None: timm's default, exact GELU as HF's "gelu"
 
 

@@ -27,7 +27,8 @@ MAX_PIXELS = 89_478_485
 
 
 def read_image(path: str | Path, data: bytes | None = None, *, max_pixels: int | None = MAX_PIXELS):
-    """An RGB PIL image; any failure is one ArtifactError naming the file. An image whose header
+    """An RGB PIL image (RGBA where it has transparency: the encoder's transform flattens it as its
+    weights expect); any failure is one ArtifactError naming the file. An image whose header
     claims more than `max_pixels` pixels (None: no limit) is refused before it is decoded, so a
     decompression bomb cannot take the machine's memory."""
     from PIL import Image, UnidentifiedImageError
@@ -39,7 +40,8 @@ def read_image(path: str | Path, data: bytes | None = None, *, max_pixels: int |
             if max_pixels is not None and width * height > max_pixels:
                 raise ArtifactError(f"{path}: the image claims {width}x{height} = {width * height:,} pixels, over the "
                                     f"limit of {max_pixels:,} (encode --max-pixels)")
-            return image.convert("RGB")
+            has_alpha = "A" in image.getbands() or "transparency" in image.info
+            return image.convert("RGBA" if has_alpha else "RGB")
     except UnidentifiedImageError:
         raise ArtifactError(f"{path}: not an image") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -154,7 +156,6 @@ class MediaResolver:
             self._encoder = self.load_encoder().to(self.device)
         if self._transform is None:
             self._transform = self._encoder.transform()
-        frames = [f if f.mode == "RGB" else f.convert("RGB") for f in frames]
         pixels = torch.stack([self._transform(frame) for frame in frames]).to(self.device)
         return self._encoder(pixels.unsqueeze(0))[0]
 

@@ -7,6 +7,7 @@ does with NFNet-F6. Videos are encoded frame by frame.
 from __future__ import annotations
 
 import inspect
+from functools import partial
 
 import torch
 from einops import rearrange
@@ -36,7 +37,8 @@ class VisionEncoder(nn.Module):
         with the config's overrides."""
         import timm.data
 
-        config = {**timm.data.resolve_data_config({}, model=self.model), **self.config.preprocess}
+        ours = {k: v for k, v in self.config.preprocess.items() if k != "background"}  # to_rgb's, not timm's
+        config = {**timm.data.resolve_data_config({}, model=self.model), **ours}
         # timm's pretrained config keeps the default resolution when a ViT is built with another img_size.
         size = self.config.image_size or getattr(getattr(self.model, "patch_embed", None), "img_size", None)
         if size is not None:
@@ -45,10 +47,12 @@ class VisionEncoder(nn.Module):
         return config
 
     def transform(self):
-        """A callable turning a PIL image into a normalised (3, H, W) tensor."""
+        """A callable turning a PIL image (any mode) into a normalised (3, H, W) tensor."""
         import timm.data
 
-        return timm.data.create_transform(**self.data_config(), is_training=False)
+        background = self.config.preprocess.get("background")
+        return partial(_rgb_then, timm.data.create_transform(**self.data_config(), is_training=False),
+                       tuple(background) if background else None)
 
     def train(self, mode: bool = True) -> "VisionEncoder":
         # Frozen: normalisation statistics and dropout never switch to training behaviour.
@@ -75,3 +79,20 @@ class VisionEncoder(nn.Module):
             )
             tokens = rearrange(grid, "bf d h w -> bf (h w) d")
         return rearrange(tokens, "(b f) n d -> b f n d", b=b)
+
+
+def to_rgb(image, background: tuple[int, int, int] | None = None):
+    """An RGB PIL image. Transparent pixels are composited on `background` where the weights were
+    trained so (IDEFICS: white); without one, alpha is dropped, as open_clip's convert("RGB") does."""
+    if image.mode == "RGB":
+        return image
+    if background is None or not ("A" in image.getbands() or "transparency" in image.info):
+        return image.convert("RGB")
+    from PIL import Image
+
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
+
+
+def _rgb_then(transform, background, image):
+    return transform(to_rgb(image, background))

@@ -51,7 +51,8 @@ def tiny_idefics(directory: Path, *, qk: bool, alpha: str, every: int, seed: int
     tok, vocab = tiny_tokenizer_with_image_tokens(extra)
     torch.manual_seed(seed)
     config = IdeficsConfig(
-        vocab_size=vocab, additional_vocab_size=2 + len(extra), hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+        vocab_size=vocab, additional_vocab_size=2 + len(extra), hidden_size=32, intermediate_size=48,
+        num_hidden_layers=4,
         num_attention_heads=4, cross_layer_interval=every, max_position_embeddings=128, use_resampler=True,
         qk_layer_norms=qk, alpha_type=alpha, alpha_initializer="zeros",  # "normal" crashes for float gates
         bos_token_id=0, eos_token_id=1, pad_token_id=1, tie_word_embeddings=tied,
@@ -406,18 +407,34 @@ def test_generation_stops_at_end_of_utterance_as_idefics_does(instruct_model, be
     assert ours.tolist() == new
 
 
-@pytest.mark.parametrize("size", [(28, 28), (97, 61), (13, 40), (1000, 700)])
-def test_pixels_are_idefics_pil_image_processors(setups, size):
+@pytest.mark.parametrize("size, mode", [((28, 28), "RGB"), ((97, 61), "RGB"), ((13, 40), "RGB"), ((1000, 700), "RGB"),
+                                        ((40, 30), "RGBA"), ((40, 30), "LA"), ((40, 30), "P")])
+def test_pixels_are_idefics_pil_image_processors(setups, tmp_path, size, mode):
     """The imported tower's preprocessing is IdeficsImageProcessorPil's to the bit (the PIL processor
     transformers 4.x shipped IDEFICS with), downscaling, upscaling and squashing non-square images.
     transformers 5's default IdeficsImageProcessor resizes with torchvision's bicubic instead, which
-    differs by rounding (one level in 255 downscaling, more upscaling)."""
+    differs by rounding (one level in 255 downscaling, more upscaling). A transparent image, read
+    from a file as encode reads it, is composited on white as IDEFICS's convert_to_rgb does."""
     import numpy as np
     from PIL import Image
     from transformers.models.idefics.image_processing_pil_idefics import IdeficsImageProcessorPil
 
+    from flamingo_cli.inference.media import read_image
+
     _, _, model, _ = setups["A"]
-    image = Image.fromarray(np.random.default_rng(sum(size)).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    rng = np.random.default_rng(sum(size))
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    if mode != "RGB":  # half the pixels see-through, at random strengths
+        alpha = Image.fromarray((rng.integers(0, 256, (size[1], size[0])) * (rng.random((size[1], size[0])) < 0.5))
+                                .astype(np.uint8))
+        image = (image.convert("L") if mode == "LA" else image).copy()
+        image.putalpha(alpha)
+        if mode == "P":  # a palette with one transparent index, as GIFs and small PNGs carry it
+            image = image.convert("RGB").quantize(16)
+            image.info["transparency"] = 3
+        image.save(tmp_path / "image.png")
+        image = read_image(tmp_path / "image.png")
+        assert image.mode == "RGBA"
     theirs = IdeficsImageProcessorPil(image_size=28)(image, return_tensors="pt")
     theirs = getattr(theirs, "pixel_values", theirs)[0]
     assert torch.equal(model.encoder.transform()(image), theirs)

@@ -296,3 +296,29 @@ def test_load_encoder_missing_file(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_encoder(EncoderConfig(name="test_resnet", weights=str(path)))
     assert str(path) in str(info.value)
+
+
+def test_transparent_pixels_become_what_the_weights_saw():
+    """Without a background alpha is dropped (open_clip's convert("RGB"), OpenFlamingo's towers); with
+    one (IDEFICS: white) transparent pixels are composited on it. RGB and opaque images are untouched."""
+    from flamingo_cli.formats.checkpoint import encoder_identity
+    from flamingo_cli.model.vision_encoder import to_rgb
+
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    rgba = rgb.copy()
+    rgba.putalpha(Image.fromarray(np.tile(np.array([0, 128, 255, 255], np.uint8), (8, 2))))
+    dropped, white = np.asarray(to_rgb(rgba), int), np.asarray(to_rgb(rgba, (255, 255, 255)), int)
+    assert (dropped == np.asarray(rgb)).all()
+    assert (white[:, 0::4] == 255).all()  # alpha 0: the background
+    assert (abs(white[:, 1::4] - (np.asarray(rgb, int)[:, 1::4] * 128 + 255 * 127) / 255) <= 1).all()
+    assert (white[:, 2::4] == np.asarray(rgb)[:, 2::4]).all()  # opaque: the pixel
+    assert to_rgb(rgb, (255, 255, 255)) is rgb
+    grey = rgb.convert("L")
+    assert np.array_equal(np.asarray(to_rgb(grey, (255, 255, 255))), np.asarray(grey.convert("RGB")))
+
+    plain = _vit()
+    white_bg = _vit(preprocess={"background": [255, 255, 255]})
+    assert torch.equal(plain.transform()(rgba), plain.transform()(rgb))
+    assert not torch.equal(white_bg.transform()(rgba), white_bg.transform()(rgb))
+    assert torch.equal(white_bg.transform()(rgb), plain.transform()(rgb))  # timm never sees the key
+    assert encoder_identity(plain.config) != encoder_identity(white_bg.config)  # other pixels, other features
