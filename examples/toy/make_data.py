@@ -4,7 +4,10 @@
 
 OUT_DIR/tokenizer/      the world's tokenizer (save_pretrained), for the LM and the text tower
 OUT_DIR/images/         one PNG per training image
-OUT_DIR/pairs.jsonl     {"id", "image", "caption"}: for `flamingo contrastive` and caption pairs
+OUT_DIR/pairs.jsonl     {"id", "image", "caption"}: Flamingo's image-caption pairs
+OUT_DIR/contrastive.jsonl
+                        the same images for `flamingo contrastive`, captions saying where the
+                        shape is ("a red circle at the top left")
 OUT_DIR/docs.jsonl      {"id", "images", "segments"}: interleaved few-shot documents
 OUT_DIR/videos/         one MP4 per training clip (10 s at 3 FPS)
 OUT_DIR/vtp.jsonl       {"id", "video", "caption"}: video-text pairs, the text a caption or the
@@ -48,11 +51,13 @@ def training_data(out: Path, pairs: int, docs: int, videos: int) -> None:
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     rng = random.Random(TRAIN_SEED)
-    with open(out / "pairs.jsonl", "w", encoding="utf-8") as f:
+    with open(out / "pairs.jsonl", "w", encoding="utf-8") as f, \
+            open(out / "contrastive.jsonl", "w", encoding="utf-8") as located:
         for i in range(pairs):
             item = world.random_item(rng)
             path = write_image(item, images / f"pair-{i:06d}.png", out)
             f.write(json.dumps({"id": f"pair-{i:06d}", "image": path, "caption": item.caption}) + "\n")
+            located.write(json.dumps({"id": f"pair-{i:06d}", "image": path, "caption": item.located_caption}) + "\n")
     with open(out / "docs.jsonl", "w", encoding="utf-8") as f:
         for i in range(docs):
             items, segments = world.document(rng)

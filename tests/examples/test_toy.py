@@ -51,6 +51,10 @@ def test_held_out_words_and_combinations_never_reach_training_text(tmp_path):
         assert (clip.colour, clip.shape) in world.TRAIN_COMBOS and (clip.becomes or clip.colour, clip.shape) in world.TRAIN_COMBOS
     for line in (tmp_path / "pairs.jsonl").read_text().splitlines():
         assert json.loads(line)["caption"] not in held_out_captions
+    located = [json.loads(line) for line in (tmp_path / "contrastive.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["image"]) for r in located] == [(r["id"], r["image"]) for r in pairs]
+    assert all(r["caption"].startswith(p["caption"] + " at the ") for r, p in zip(located, pairs))
     for line in (tmp_path / "docs.jsonl").read_text().splitlines():
         doc = json.loads(line)
         texts = [s for s in doc["segments"] if isinstance(s, str)]
@@ -99,6 +103,23 @@ def test_clips_move_or_change_colour_in_the_order_their_answer_says():
                                                          world.Clip("red", "circle", 7, becomes="blue").frames()]
 
 
+def test_a_located_caption_says_where_the_shape_is_drawn():
+    import numpy as np
+
+    rng = random.Random(3)
+    for item in (world.random_item(rng) for _ in range(40)):
+        pixels = np.asarray(item.image(), float)
+        ys, xs = np.nonzero(np.linalg.norm(pixels - np.array(world.COLOURS[item.colour]), axis=-1) < 60)
+        x, y = item.centre
+        # the drawn shape's centroid is where centre says, to within a pixel or two of 32
+        assert abs(xs.mean() + 0.5 - x * world.IMAGE_SIZE) < 2 and abs(ys.mean() + 0.5 - y * world.IMAGE_SIZE) < 2
+        row, column = item.place.split()
+        assert world.ROWS.index(row) == min(2, int(3 * y)) and world.COLUMNS.index(column) == min(2, int(3 * x))
+        assert item.located_caption == f"{item.caption} at the {row} {column}"
+    tokenizer = world.build_tokenizer()
+    assert tokenizer.unk_token_id not in tokenizer("a red circle at the centre middle").input_ids
+
+
 def test_images_are_a_pure_function_of_the_item():
     item = world.Item("red", "circle", 42)
     assert item.image().tobytes() == world.Item("red", "circle", 42).image().tobytes()
@@ -115,7 +136,7 @@ def test_tiny_recipe_runs_end_to_end(tmp_path):
     sizes = dict(OUT=out, RESULTS=results, PYTHON=sys.executable, PAIRS=48, DOCS=16, LM_STEPS=2,
                  LM_EVAL_EPISODES=2, CONTRASTIVE_STEPS=2, CONTRASTIVE_BATCH=16, PRETRAIN_STEPS=2, DOCS_BATCH=4,
                  PAIRS_BATCH=4, SAVE_EVERY=1, SHARD_SIZE=32, EVAL_N=1, EVAL_CAPTIONS=2, VIDEOS=8, VTP_BATCH=4,
-                 EVAL_VIDEOS=2)
+                 EVAL_VIDEOS=2, PROBE_IMAGES=16, PROBE_MAX_ERROR=1000)
     r = subprocess.run(["make", "-C", str(TOY), "all", "eval", *(f"{k}={v}" for k, v in sizes.items())],
                        env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -124,6 +145,8 @@ def test_tiny_recipe_runs_end_to_end(tmp_path):
     assert icl["steps"] == 2 and 0 <= icl["held_out_labels_2way_4shot_generate"] <= 1
     metrics = [json.loads(line) for line in (out / "encoder" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
+    probe = json.loads((out / "encoder" / "probe.json").read_text())
+    assert probe["images"] == 16 and probe["ratio"] > 0
     run_metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in run_metrics] == [1, 2] and set(run_metrics[0]["loss"]) == {"docs", "pairs", "vtp"}
 
