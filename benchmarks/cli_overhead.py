@@ -6,6 +6,8 @@ encoded beforehand), for `score` (the shape template's six candidates) and `gene
   cli         wall time of `flamingo STAGE prompts.jsonl -o out.jsonl`, a subprocess as a user runs it
   in-process  the same work through score_records / generate_records in this process, model loaded
   fixed       wall time of the same command on one record: what a stage costs before its first record
+  server      the same command with FLAMINGO_SERVER naming a `flamingo server` started beforehand (the
+              stage forked from a process that has imported already), and its fixed cost
 The outputs of both are checked identical. Also prints where a stage's start-up goes (imports,
 checkpoint loading) in a fresh interpreter, and the same command with OpenMP's threads sleeping
 while they wait (OMP_WAIT_POLICY=PASSIVE, what a stage reading or writing a pipe sets).
@@ -98,7 +100,12 @@ def main() -> None:
         print(f"start-up in a fresh interpreter: imports {float(startup[0]):.2f} s, loading the checkpoint "
               f"{float(startup[1]):.2f} s ({threads} threads)")
         model, media = load_for_inference(BUNDLED_CHECKPOINT)
-        print(f"{'stage':>9} {'records':>8} {'cli s':>8} {'in-process s':>13} {'overhead':>9} {'fixed s':>8}")
+        socket = str(work / "server.sock")
+        subprocess.run([str(BIN / "flamingo"), "server", "--detach", "--socket", socket], env=env, check=True,
+                       stderr=subprocess.DEVNULL)
+        served_env = {**env, "FLAMINGO_SERVER": socket}
+        print(f"{'stage':>9} {'records':>8} {'cli s':>8} {'in-process s':>13} {'overhead':>9} {'fixed s':>8} "
+              f"{'server s':>9} {'overhead':>9} {'fixed s':>8}")
         for stage in args.stages.split(","):
             inside, expected = in_process(stage, model, media, prompts)
             start = time.perf_counter()
@@ -111,14 +118,23 @@ def main() -> None:
             start = time.perf_counter()
             flamingo(*COMMANDS[stage], "-q", work / "one.jsonl", "-o", work / "out1.jsonl", env=env)
             fixed = time.perf_counter() - start
+            start = time.perf_counter()
+            flamingo(*COMMANDS[stage], "-q", prompts, "-o", work / "served.jsonl", env=served_env)
+            served = time.perf_counter() - start
+            if (work / "served.jsonl").read_bytes() != (work / "out.jsonl").read_bytes():
+                raise SystemExit(f"{stage}: the command's output through the server differs")
+            start = time.perf_counter()
+            flamingo(*COMMANDS[stage], "-q", work / "one.jsonl", "-o", work / "out1.jsonl", env=served_env)
+            served_fixed = time.perf_counter() - start
             print(f"{stage:>9} {args.records:>8} {cli:>8.2f} {inside:>13.2f} {(cli - inside) / inside:>8.0%} "
-                  f"{fixed:>8.2f}", flush=True)
+                  f"{fixed:>8.2f} {served:>9.2f} {(served - inside) / inside:>8.0%} {served_fixed:>8.2f}", flush=True)
             start = time.perf_counter()  # as a stage in a pipe runs: OpenMP threads sleep while they wait
             flamingo(*COMMANDS[stage], "-q", prompts, "-o", work / "out.jsonl",
                      env={**env, "OMP_WAIT_POLICY": "PASSIVE"})
             passive = time.perf_counter() - start
             print(f"{'':>9} with OMP_WAIT_POLICY=PASSIVE (a stage in a pipe): {passive:.2f} s; spinning alone is "
                   f"{passive / cli:.2f}x faster", flush=True)
+        subprocess.run([str(BIN / "flamingo"), "server", "--stop", "--socket", socket], env=env, check=True)
 
 
 if __name__ == "__main__":

@@ -94,8 +94,15 @@ def _in_pipe() -> bool:
     return False
 
 
-def main() -> None:
-    """Entry point: click in non-standalone mode, so a closed pipe can end quietly with 0."""
+def main(argv: list[str] | None = None, *, forwarded: bool = False) -> None:
+    """Entry point: click in non-standalone mode, so a closed pipe can end quietly with 0. With
+    FLAMINGO_SERVER set, the command is handed to that server (`flamingo server`), which runs
+    it here in a child of its own (forwarded)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not forwarded:
+        from .forkserver import run_in_server
+
+        run_in_server(argv)  # exits with the command's status where a server ran it
     # Stages of one pipe share the cores. OpenMP's default of spinning while it waits makes
     # a busy neighbour slow every small op by ~50x, so in a pipe threads sleep instead; alone,
     # spinning is faster for small ops (benchmarks/cli_overhead.py). Set before torch loads; the
@@ -106,7 +113,7 @@ def main() -> None:
     _MAIN_PID = os.getpid()
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        code = cli.main(prog_name="flamingo", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="flamingo", standalone_mode=False)
         sys.stdout.flush()
     except Interrupted:  # as shells report a process ended by a signal: 128 + its number
         click.echo("flamingo: interrupted", err=True)
