@@ -173,8 +173,10 @@ class Server:
                     elif isinstance(key.data, int):
                         self._from_command(key.data, selector)
                 self._reap(selector)
-                if self.stopping:
-                    selector.unregister(listener) if listener in selector.get_map().values() else None
+                if self.stopping and listener.fileno() != -1:  # new commands find no one and run themselves
+                    selector.unregister(listener)
+                    listener.close()
+                    Path(self.path).unlink(missing_ok=True)
                 if (self.idle_timeout and not self.children
                         and time.monotonic() - self.last_active > self.idle_timeout):
                     break
@@ -184,6 +186,7 @@ class Server:
             Path(self.path).unlink(missing_ok=True)
 
     def _stop(self, signum, frame) -> None:
+        """SIGTERM or SIGINT: the stages running end too (each as its command would)."""
         self.stopping = True
         for pid in self.children:
             _kill(pid, signal.SIGTERM)
@@ -191,7 +194,10 @@ class Server:
     def _accept(self, listener: socket.socket, selector) -> None:
         import selectors
 
-        conn, _ = listener.accept()
+        try:
+            conn, _ = listener.accept()
+        except OSError:  # the command gave up between connecting and being accepted
+            return
         try:
             request, fds = _read_request(conn)
         except (OSError, ValueError) as e:
@@ -199,9 +205,12 @@ class Server:
             conn.close()
             return
         self.last_active = time.monotonic()
-        if request.get("stop"):
-            self._stop(signal.SIGTERM, None)
-            conn.sendall(json.dumps({"exit": 0}).encode() + b"\n")
+        if request.get("stop"):  # flamingo server --stop: the stages running finish first
+            self.stopping = True
+            try:
+                conn.sendall(json.dumps({"exit": 0}).encode() + b"\n")
+            except OSError:
+                pass
             conn.close()
             return
         pid = os.fork()

@@ -135,3 +135,28 @@ def test_a_live_socket_is_refused_a_stale_one_replaced_and_idle_servers_leave(tm
     r = sh(f"flamingo server --socket {stale} --idle-timeout 1", env, timeout=120)
     assert r.returncode == 0 and "ready on" in r.stderr and not stale.exists()
     assert time.monotonic() - started < 60
+
+
+def test_stop_lets_running_stages_finish_and_new_commands_run_themselves(tmp_path, server):
+    socket, pid = server
+    env = _env(tmp_path, FLAMINGO_SERVER=socket)
+    reader, writer = os.pipe()
+    command = subprocess.Popen([str(BIN / "flamingo"), "encode", "-q", "-"], env=env, stdin=reader,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.close(reader)
+    for _ in range(100):
+        if children(pid):
+            break
+        time.sleep(0.05)
+    assert sh(f"flamingo server --stop --socket {socket}", _env(tmp_path)).returncode == 0
+    for _ in range(100):
+        if not Path(socket).exists():
+            break
+        time.sleep(0.05)
+    assert not Path(socket).exists() and Path(f"/proc/{pid}").exists()  # listening no more, still working
+    os.write(writer, json.dumps({"id": "x", "image": str(TOY / "images" / "blue-diamond.png")}).encode() + b"\n")
+    os.close(writer)
+    out, err = command.communicate(timeout=60)
+    assert command.returncode == 0 and json.loads(out)["id"] == "x", err
+    r = sh(f"flamingo encode -q {TOY}/images/blue-diamond.png", env)
+    assert r.returncode == 0 and r.stderr.startswith("flamingo: no server listening")
