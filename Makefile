@@ -37,8 +37,10 @@ test: install
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The main job on the bundled default model (trained by examples/toy on its shapes world):
-# few-shot captions by beam search, then shapes ranked by likelihood.
+# few-shot captions by beam search, shapes ranked by likelihood; then the bundled video model
+# answers a video question from four shots (only the order of the clip's frames tells).
 TOY := examples/toy
+VIDEO_TASK := direction
 demo: install
 	@echo "== flamingo encode $(TOY)/images/ | flamingo generate --shots $(TOY)/shots.jsonl" >&2
 	$(BIN)/flamingo encode -q $(TOY)/images/ | $(BIN)/flamingo generate -q --shots $(TOY)/shots.jsonl \
@@ -47,6 +49,11 @@ demo: install
 	$(BIN)/flamingo encode -q $(TOY)/images/ \
 		| $(BIN)/flamingo prompt --shots $(TOY)/shots.jsonl --template $(TOY)/templates/shape.yaml \
 		| $(BIN)/flamingo score -q | $(BIN)/python $(TOY)/show.py prediction
+	@echo "== flamingo encode --ckpt toy-video $(TOY)/videos/ | flamingo generate --ckpt toy-video --shots $(TOY)/video_shots.jsonl --template $(TOY)/templates/$(VIDEO_TASK).yaml" >&2
+	$(BIN)/flamingo encode -q --ckpt toy-video $(TOY)/videos/ \
+		| $(BIN)/flamingo generate -q --ckpt toy-video --shots $(TOY)/video_shots.jsonl \
+			--template $(TOY)/templates/$(VIDEO_TASK).yaml \
+		| $(BIN)/python $(TOY)/show.py output
 
 # Regenerate man/flamingo*.1 from the --help texts (tests check they are current).
 man: $(BIN)/.installed

@@ -76,9 +76,14 @@ def training_data(out: Path, pairs: int, docs: int, videos: int) -> None:
                                 "caption": world.clip_text(rng, clip)}) + "\n")
 
 
+# The demo's video question: one held-out clip, and four shots of the same question.
+DEMO_VIDEO_TASK = "direction"
+
+
 def demo_files(out: Path) -> None:
     """Eight held-out images (three of them combinations never seen in training) and a support
-    set of sixteen training-distribution images with captions, colours and shapes."""
+    set of sixteen training-distribution images with captions, colours and shapes; one held-out
+    clip (videos/) and four clips of the same question as its shots (video_shots.jsonl)."""
     rng = random.Random(777)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "shots").mkdir(parents=True, exist_ok=True)
@@ -91,6 +96,22 @@ def demo_files(out: Path) -> None:
             path = write_image(item, out / "shots" / f"shot-{i:02d}.png", out)
             f.write(json.dumps({"id": f"shot-{i:02d}", "image": path, "caption": item.caption,
                                 "colour": item.colour, "shape": item.shape}) + "\n")
+    rng = random.Random(778)
+    clips = []
+    while len(clips) < 5:
+        clip = world.random_clip(rng)
+        if clip.task == DEMO_VIDEO_TASK:
+            clips.append(clip)
+    (out / "videos").mkdir(exist_ok=True)
+    (out / "video_shots").mkdir(exist_ok=True)
+    query = clips[0]
+    query.write(out / "videos" / f"{query.colour}-{query.shape}-{query.caption.split()[-2]}-{query.answer(query.task)}.mp4")
+    with open(out / "video_shots.jsonl", "w", encoding="utf-8") as f:
+        for i, clip in enumerate(clips[1:]):
+            path = out / "video_shots" / f"clip-{i}.mp4"
+            clip.write(path)
+            f.write(json.dumps({"id": f"clip-{i}", "video": os.path.relpath(path, out),
+                                DEMO_VIDEO_TASK: clip.answer(DEMO_VIDEO_TASK)}) + "\n")
 
 
 def main() -> None:

@@ -204,7 +204,8 @@ def stage_options(*, ckpt: bool = True):
         if ckpt:
             options[1:1] = [
                 click.option("--ckpt", envvar="FLAMINGO_CKPT", type=click.Path(),
-                             help="Checkpoint directory, or a hub repo id holding one (also FLAMINGO_CKPT)."),
+                             help="Checkpoint directory, a hub repo id holding one, or a bundled model: toy (the "
+                                  "default), toy-video (also FLAMINGO_CKPT)."),
                 click.option("--revision", envvar="FLAMINGO_REVISION", expose_value=False, callback=_keep_revision,
                              help="With --ckpt a hub repo id: its branch, tag or commit (default: main)."),
             ]

@@ -4,8 +4,7 @@
     DIR/model.safetensors    the trainable weights only (resampler, xattn blocks, new token rows)
     DIR/lm/                  optional: the frozen LM and tokenizer, for a self-contained checkpoint
     DIR/encoder.safetensors  optional: the frozen vision encoder's weights
-    DIR/lm_overrides.safetensors  optional: LM weights (by the LM's own names) that replace the
-                             loaded ones, e.g. embedding rows an imported checkpoint trained
+    DIR/lm_overrides.safetensors  optional: LM weights (by the LM's own names) replacing the loaded ones
 
 Relative paths in config.yaml resolve against DIR. This module is the only one that
 reads or writes these files; the model itself never touches the filesystem.
@@ -38,8 +37,9 @@ WEIGHTS_FILE = "model.safetensors"
 LM_DIR = "lm"
 ENCODER_FILE = "encoder.safetensors"
 LM_OVERRIDES_FILE = "lm_overrides.safetensors"
-# The default model: trained by examples/toy on its shapes world, shipped as package data.
+# Package data trained by examples/toy, by --ckpt name: the default (images), the video model.
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[1] / "default_model"
+BUNDLED = {"toy": BUNDLED_CHECKPOINT, "toy-video": BUNDLED_CHECKPOINT.with_name("video_model")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -163,8 +163,7 @@ def load_lm(config: LMConfig, base: Path | None = None, device_map: str | dict |
         path = str(snapshot(path, config.revision, required=("config.json",), what="LM "))
     elif not Path(path).is_dir():
         raise CheckpointError(f"LM {path}: {'not a directory' if Path(path).exists() else 'no such directory'}")
-    # transformers raises whatever its parts raise (OSError, ValueError, huggingface_hub's
-    # validation errors for a malformed config.json, ...): all of it is a bad LM directory.
+    # transformers raises whatever its parts raise (OSError, ValueError, hub validation errors): a bad LM dir.
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:
@@ -273,7 +272,9 @@ def read_config(directory: str | Path) -> FlamingoConfig:
 
 
 def checkpoint_path(name: str | Path, revision: str | None = None) -> Path:
-    """A checkpoint directory, or a hub repo holding one (at revision): its local snapshot."""
+    """A directory, a bundled model's name (where no directory has it), or a hub repo's snapshot at revision."""
+    if str(name) in BUNDLED and not Path(name).exists():
+        return BUNDLED[str(name)]
     return snapshot(str(name), revision, required=(CONFIG_FILE,)) if is_hub_id(str(name)) else Path(name)
 
 

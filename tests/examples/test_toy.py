@@ -169,6 +169,7 @@ def test_tiny_recipe_runs_end_to_end(tmp_path):
 # -- the bundled default model --------------------------------------------------------------
 
 RESULTS = json.loads((TOY / "results" / "results.json").read_text())
+VIDEO_RESULTS = json.loads((TOY / "results-video" / "results.json").read_text())
 
 
 def test_bundled_model_reaches_the_stated_caption_accuracy():
@@ -187,6 +188,44 @@ def test_bundled_model_reaches_the_stated_caption_accuracy():
     assert stated["n"] == 50
     assert accuracy >= stated["accuracy"] - 0.04, (accuracy, stated)
     assert f"{100 * stated['accuracy']:.0f}%" in (ROOT / "README.md").read_text()
+
+
+def test_bundled_model_reaches_the_stated_video_accuracy():
+    """The README's 4-shot video accuracy on 24 fixed held-out clips (both questions), minus 2 clips."""
+    import evaluate
+    import video_evidence
+
+    from flamingo_cli.formats.checkpoint import load_checkpoint
+    from flamingo_cli.inference.media import MediaResolver
+
+    model = load_checkpoint("toy-video").eval()
+    runner = evaluate.Runner(model, MediaResolver(model))
+    clips = evaluate.MediaFiles(Path(os.environ.get("TMPDIR", "/tmp")) / "flamingo-toy-test-videos")
+    stated = VIDEO_RESULTS["video"]["fixed_videos"]
+    assert stated["n"] == 24
+    accuracy = video_evidence.fixed_accuracy(runner, clips, stated["n"])
+    assert accuracy >= stated["accuracy"] - 2 / 24, (accuracy, stated)
+    assert f"clips the test suite checks: {100 * stated['accuracy']:.0f}%" in (ROOT / "README.md").read_text()
+
+
+def test_bundled_models_by_name_unless_a_directory_has_the_name(tmp_path, monkeypatch):
+    from flamingo_cli.formats.checkpoint import BUNDLED, BUNDLED_CHECKPOINT, checkpoint_path
+
+    assert checkpoint_path("toy") == BUNDLED_CHECKPOINT and (checkpoint_path("toy-video") / "config.yaml").is_file()
+    assert BUNDLED["toy-video"] != BUNDLED_CHECKPOINT
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "toy-video").mkdir()
+    assert checkpoint_path("toy-video") == Path("toy-video")
+
+
+def test_make_demo_prints_what_the_readme_shows():
+    """The demo's lines, stdout only (the notices go to stderr), equal the README's block."""
+    r = subprocess.run(["make", "-s", "demo"], cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    readme = (ROOT / "README.md").read_text()
+    shown = readme.split("It prints each image's file name")[1].split("```")[1].strip("\n").splitlines()
+    printed = [line for line in r.stdout.splitlines()]
+    assert printed == [line for line in shown if not line.startswith("== ")], r.stdout
 
 
 def test_stages_default_to_the_bundled_model_and_say_so(tmp_path):
