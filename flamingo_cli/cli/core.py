@@ -18,6 +18,7 @@ import click
 from .. import __version__
 from ..errors import ConfigError, FlamingoError
 from ..formats.artifacts import storage_failure
+from .forkserver import is_server_command, run_in_server
 
 DTYPES = ["float32", "bfloat16", "float16"]
 
@@ -100,14 +101,12 @@ def main(argv: list[str] | None = None, *, forwarded: bool = False) -> None:
     it here in a child of its own (forwarded)."""
     argv = sys.argv[1:] if argv is None else argv
     if not forwarded:
-        from .forkserver import run_in_server
-
         run_in_server(argv)  # exits with the command's status where a server ran it
     # Stages of one pipe share the cores. OpenMP's default of spinning while it waits makes
     # a busy neighbour slow every small op by ~50x, so in a pipe threads sleep instead; alone,
     # spinning is faster for small ops (benchmarks/cli_overhead.py). Set before torch loads; the
     # user's own setting wins.
-    if _in_pipe():
+    if _in_pipe() and not is_server_command(argv):  # a server's stages are not its pipes
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     global _MAIN_PID
     _MAIN_PID = os.getpid()

@@ -54,12 +54,16 @@ def run_in_server(argv: list[str]) -> None:
     """Under FLAMINGO_SERVER, `flamingo ARGV` runs in that server and this process exits with its
     status; where nothing listens, it returns (saying so) and the command runs here."""
     path = os.environ.get("FLAMINGO_SERVER", "")
-    if not path or next((a for a in argv if not a.startswith("-")), None) == "server":
+    if not path or is_server_command(argv):
         return
     code = forward(path, argv)
     if code is not None:
         sys.exit(code)
     print(f"flamingo: no server listening at FLAMINGO_SERVER={path}; running the command here", file=sys.stderr)
+
+
+def is_server_command(argv: list[str]) -> bool:
+    return next((a for a in argv if not a.startswith("-")), None) == "server"
 
 
 def forward(path: str, argv: list[str]) -> int | None:
@@ -368,9 +372,6 @@ def warm_up() -> None:
 
     # CUDA checks through NVML, not by initialising the driver, so children may still use the GPU.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    # Its stages share the cores (a pipe's stages are its children at once): OpenMP threads sleep
-    # while they wait rather than spin, as a stage in a pipe does. Read once, as torch loads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     for name in WARM_MODULES:
         try:
             importlib.import_module(name)

@@ -37,7 +37,9 @@ def server(path, idle_timeout, detach, log, stop):
     The socket is this user's only (no access for group or others; the peer's uid is checked). Each stage runs in
     a fresh child of a process that has only imported: it loads its model as the command would,
     and nothing it does reaches the next one. OMP_NUM_THREADS is the command's; OMP_WAIT_POLICY
-    is the server's (OpenMP reads it once): set it when starting the server.
+    is the server's, read once as torch loads: by default OpenMP threads spin while they wait,
+    fastest for one stage at a time; start the server with OMP_WAIT_POLICY=PASSIVE when its
+    commands run side by side on few cores (a pipe's stages), as a stage in a pipe does alone.
     """
     from .forkserver import Server, stop_server, warm_up
 
