@@ -37,6 +37,7 @@ WARM_MODULES = (
 )
 _FDS = (0, 1, 2)
 _HEADER = struct.Struct("!I")
+_MAX_REQUEST = 16 << 20  # arguments and environment; more is not a command's
 
 
 class ServerError(FlamingoError):
@@ -291,6 +292,10 @@ def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:
             os.close(fd)
         raise ValueError("no header")
     size, = _HEADER.unpack(head)
+    if size > _MAX_REQUEST:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError(f"{size} bytes")
     data = bytearray()
     while len(data) < size:
         chunk = conn.recv(min(1 << 16, size - len(data)))
@@ -299,7 +304,12 @@ def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:
         data += chunk
     try:
         request = json.loads(data)
-        if len(request.get("fds", [])) != len(fds) or not isinstance(request.get("argv", []), list):
+        if not isinstance(request, dict):
+            raise ValueError("not a JSON object")
+        if not request.get("stop") and not (isinstance(request.get("argv"), list) and isinstance(request.get("cwd"), str)
+                                            and isinstance(request.get("env"), dict)):
+            raise ValueError("no argv, cwd and env")
+        if len(request.get("fds", [])) != len(fds):
             raise ValueError("descriptors and request disagree")
     except (ValueError, KeyError, TypeError) as e:
         for fd in fds:

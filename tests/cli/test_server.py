@@ -160,3 +160,20 @@ def test_stop_lets_running_stages_finish_and_new_commands_run_themselves(tmp_pat
     assert command.returncode == 0 and json.loads(out)["id"] == "x", err
     r = sh(f"flamingo encode -q {TOY}/images/blue-diamond.png", env)
     assert r.returncode == 0 and r.stderr.startswith("flamingo: no server listening")
+
+
+def test_a_malformed_request_is_one_line_in_the_log_and_the_server_serves_on(tmp_path, server):
+    import socket as sockets
+
+    socket, pid = server
+    for payload in (b"\x00\x00\x00\x05[1,2]", b"\x00\x00\x00\x02{}", b"\xff\xff\xff\xff", b"\x00\x00\x00\x03abc"):
+        conn = sockets.socket(sockets.AF_UNIX)
+        conn.connect(socket)
+        conn.sendall(payload)
+        conn.close()
+    time.sleep(1)
+    log = (tmp_path / "server.log").read_text().splitlines()
+    assert len([line for line in log if "malformed request" in line]) == 4, log
+    assert Path(f"/proc/{pid}").exists() and children(pid) == []
+    r = sh(f"flamingo encode -q {TOY}/images/blue-diamond.png", _env(tmp_path, FLAMINGO_SERVER=socket))
+    assert r.returncode == 0 and r.stderr == "", r.stderr
