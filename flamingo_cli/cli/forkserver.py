@@ -13,6 +13,7 @@ children share no thread pools and no device state, and one child's failure is i
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -89,10 +90,8 @@ def forward(path: str, argv: list[str]) -> int | None:
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(signum, relay)
-    reply = conn.makefile("rb")
-    for line in reply:
-        message = json.loads(line)
-        if "exit" in message:
+    for line in conn.makefile("rb"):
+        if "exit" in (message := json.loads(line)):
             return message["exit"]
     print(f"flamingo: the server at {path} stopped before the command finished", file=sys.stderr)
     return 1
@@ -274,10 +273,8 @@ class Server:
 
 
 def _kill(pid: int, signum: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
 
 
 def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:

@@ -9,6 +9,7 @@ import pty
 import re
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import termios
@@ -291,6 +292,13 @@ def test_options_of_the_other_mode_are_usage_errors(args):
 
 # -- the command on a terminal -----------------------------------------------------------------
 
+def _controlling_terminal():
+    """The pty becomes the child's terminal, and Ctrl-C interrupts it as a terminal's would, even
+    where the suite itself runs with SIGINT ignored (a background job of a script: nohup ... &)."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Terminal:
     """`flamingo chat ...` with a pty as its controlling terminal, stdin and stdout (so Ctrl-C
     and Ctrl-D are typed keys, and answers go where a user sees them), stderr kept apart."""
@@ -304,8 +312,7 @@ class Terminal:
         termios.tcsetattr(secondary, termios.TCSANOW, attrs)
         env = {**os.environ, "TERM": "dumb", "OMP_NUM_THREADS": "1"}  # dumb: no escape sequences from readline
         self.proc = subprocess.Popen([FLAMINGO, "chat", *args], cwd=cwd, env=env, stdin=secondary, stdout=secondary,
-                                     stderr=subprocess.PIPE, start_new_session=True,
-                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+                                     stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_controlling_terminal)
         self.name = os.ttyname(secondary)
         os.close(secondary)
         self.out, self.err = b"", b""
