@@ -11,17 +11,24 @@ downloaded), all measured in this run:
       off           ours with the prefix cache off: a prompt prefilled once for all its beams,
                     each image's K/V projected once, each token attending to its own image
       on            as off, with the prefix cache: shared demonstrations run once
-  score: 1000 candidates after one 4-shot prompt:
-      loop    OpenFlamingo's method: each candidate its own forward over a copy of the prompt's
-              cache, with every image's K/V recomputed (timed on the first 100, per candidate)
-      ours    score_candidates: candidates laid end to end against the prompt's states
+  score: 1000 candidates after one 4-shot prompt, of 1-4 tokens (as class names are) and of
+    three words (8-13 tokens here), each closed by <|endofchunk|>:
+      openflamingo  OpenFlamingo 2.0.1's get_rank_classifications on the same weights: the
+                    prompt's cache computed once, then each candidate's tokens one per forward
+                    over that cache (the last too), every image's cross-attention K/V projected
+                    again at every forward and attended under a mask (timed on a sample, per
+                    candidate)
+      loop          a stronger loop, on our model: each candidate one forward of its tokens but
+                    the last over a copy of the prompt's cache, its own image's K/V only
+      ours          score_candidates: candidates laid end to end as a trie against the
+                    prompt's states
 
 Outputs are checked equal (texts; scores within 1e-4). Prints seconds and ratios, and for ours
 on fixed shots, greedy, and on the 1000-way scoring, the FLOP/s achieved (FLOPs counted by
 torch's FlopCounterMode on a second, untimed run) against this machine's ceilings (a 2048^3
 matmul in fp32 and bf16, measured here).
 
-    .venv/bin/python benchmarks/prefix_cache.py [--shots 32,4]
+    .venv/bin/python benchmarks/prefix_cache.py [--shots 32,4] [--sample 50]
 """
 import argparse
 import copy
@@ -168,36 +175,83 @@ def bench_generate(model, media, shots, peak):
                     model, rs, media, num_beams=1, prefix_cache=PrefixCache(model))), t_on, peak)
 
 
-def bench_score(model, media, peak):
+def short_candidates(model, n: int) -> list[str]:
+    """n distinct candidates of 1 to 4 tokens (uniformly), each word-start tokens of this vocabulary
+    that tokenize back to themselves, so their lengths are what the issue's class names have."""
+    tok, rng = model.tokenizer, random.Random(0)
+    special = set(tok.all_special_ids) | {model.image_token_id, model.eoc_token_id}
+    plain = [i for t, i in tok.get_vocab().items() if i not in special and t.isalpha()]
+    starts = [i for t, i in tok.get_vocab().items() if i not in special and t[:1] == "Ġ" and t[1:].isalpha()]
+    out = {}
+    while len(out) < n:
+        ids = [rng.choice(starts)] + [rng.choice(plain) for _ in range(rng.randint(0, 3))]
+        text = tok.decode(ids)[1:]  # the continuation's own space comes first
+        if candidate_ids(model, CONTINUATION, text) == ids + [model.eoc_token_id]:
+            out.setdefault(text, None)
+    return list(out)
+
+
+def openflamingo_scores(model, cache, first, visual, answers):
+    """OpenFlamingo's rank classification: per candidate, one token per forward over the prompt's
+    cache, every image's K/V recomputed at each forward and all keys masked."""
+    images = torch.tensor([visual.shape[1]])
+    scores = []
+    with every_key_masked(model):
+        for answer in answers:
+            tokens = candidate_ids(model, CONTINUATION, answer)
+            state, logps = copy.deepcopy(cache), [first]
+            for token in tokens:
+                out = model(torch.tensor([[token]]), visual, images_before=images, cache=state, use_cache=True)
+                logps.append(out.logits[0, -1].log_softmax(-1))
+            scores.append(float(sum(logp[t] for logp, t in zip(logps, tokens))))
+    return scores
+
+
+def loop_scores(model, cache, first, visual, answers):
+    """A per-candidate loop on our model: a candidate's tokens but the last in one forward over a copy
+    of the prompt's cache, attending to its own image's keys only."""
+    scores = []
+    for answer in answers:
+        tokens = torch.tensor([candidate_ids(model, CONTINUATION, answer)])
+        out = model(tokens[:, :-1], visual, images_before=torch.tensor([visual.shape[1]]),
+                    cache=copy.deepcopy(cache), use_cache=True)
+        logp = out.logits[0].log_softmax(-1).gather(-1, tokens[0, 1:, None]).sum()
+        scores.append(float(first[tokens[0, 0]] + logp))
+    return scores
+
+
+def bench_score(model, media, peak, sample: int):
     r = records(4, 1, True)[0]
     ids = model.tokenizer(r["prompt"], return_tensors="pt").input_ids
     visual = media.visuals(r["media"])[None]
-    answers = [f"a {a} {b} {c}" for a in WORDS for b in WORDS for c in WORDS][:1000]
-    print(f"score: prompt of {ids.shape[1]} tokens")
-    t_ours, ours = timed(lambda: score_candidates(model, ids, visual, answers, batch_size=64))
     with torch.no_grad():
         prefix = model(ids, visual, use_cache=True)
-        cache = getattr(prefix, "cache", None) or prefix.past_key_values
-        first = prefix.logits[0, -1].log_softmax(-1)
-
-        def one(answer):  # OpenFlamingo's loop: a copied context cache, the media's K/V recomputed
-            tokens = torch.tensor([candidate_ids(model, CONTINUATION, answer)])
-            out = model(tokens[:, :-1], visual, images_before=torch.tensor([5]), cache=copy.deepcopy(cache),
-                        use_cache=True)
-            logp = out.logits[0].log_softmax(-1).gather(-1, tokens[0, 1:, None]).sum()
-            return float(first[tokens[0, 0]] + logp)
-        n = 100
-        t_loop, loop = timed(lambda: [one(a) for a in answers[:n]])
-    assert all(abs(a - b) < 1e-3 for a, b in zip(loop, ours)), "the same scores"
-    per_loop, per_ours = t_loop / n, t_ours / len(answers)
-    print(f"score: 1000 candidates, 4 shots: ours {t_ours:.2f} s ({per_ours * 1e3:.2f} ms per candidate); "
-          f"per-candidate loop {per_loop * 1e3:.1f} ms per candidate: {per_loop / per_ours:.0f}x")
-    achieved("1000-way scoring", lambda: score_candidates(model, ids, visual, answers, batch_size=64), t_ours, peak)
+    cache = getattr(prefix, "cache", None) or prefix.past_key_values
+    first = prefix.logits[0, -1].log_softmax(-1)
+    print(f"score: 1000 candidates after a 4-shot prompt of {ids.shape[1]} tokens; baselines timed on "
+          f"{sample} candidates")
+    sets = {"1-4 tokens": short_candidates(model, 1000),
+            "three words": [f"{a} {b} {c}" for a in WORDS for b in WORDS for c in WORDS][:1000]}
+    for name, answers in sets.items():
+        lengths = [len(candidate_ids(model, CONTINUATION, a)) - 1 for a in answers]
+        t_ours, ours = timed(lambda: score_candidates(model, ids, visual, answers, batch_size=64))
+        with torch.no_grad():
+            t_of, of = timed(lambda: openflamingo_scores(model, cache, first, visual, answers[:sample]))
+            t_loop, loop = timed(lambda: loop_scores(model, cache, first, visual, answers[:sample]))
+        assert all(abs(a - b) < 1e-3 for a, b in zip(of, ours)) and all(
+            abs(a - b) < 1e-3 for a, b in zip(loop, ours)), "the same scores"
+        per_ours, per_of, per_loop = t_ours / len(answers), t_of / sample, t_loop / sample
+        print(f"  {name} (mean {sum(lengths) / len(lengths):.1f} + <|endofchunk|>): ours {t_ours:.2f} s "
+              f"({per_ours * 1e3:.2f} ms per candidate); openflamingo {per_of * 1e3:.1f} ms per candidate: "
+              f"{per_of / per_ours:.0f}x; loop {per_loop * 1e3:.1f} ms: {per_loop / per_ours:.0f}x", flush=True)
+        achieved(f"1000-way scoring, {name}", lambda: score_candidates(model, ids, visual, answers, batch_size=64),
+                 t_ours, peak)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shots", default="32,4", help="shot counts for generate, comma separated")
+    parser.add_argument("--sample", type=int, default=50, help="candidates the scoring baselines are timed on")
     args = parser.parse_args()
     peak = ceilings()
     print(f"torch threads: {torch.get_num_threads()}; ceilings (2048^3 matmul): "
@@ -205,7 +259,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(tmp)
         media = Media()
-        bench_score(model, media, peak)
+        bench_score(model, media, peak, args.sample)
         for shots in map(int, args.shots.split(",")):
             bench_generate(model, media, shots, peak)
 

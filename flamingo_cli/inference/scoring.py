@@ -198,9 +198,10 @@ def _score_prompts(model, prompts: list[_Prompt], token_ids: list[list[int]], ba
     # Only candidates of 2+ tokens need a forward: the last token of each predicts nothing we score.
     # In token order, candidates that share a prefix fall in one chunk, where the trie runs it once.
     todo = sorted((j for j, ids in enumerate(token_ids) if len(ids) > 1), key=lambda j: token_ids[j])
+    visual_kv = {}  # the chunks attend to the same images: each is projected once, by the first chunk
     for start in range(0, len(todo), per_chunk):
         chunk = todo[start:start + per_chunk]
-        totals[:, chunk] += run(model, stack, [token_ids[j] for j in chunk], device)
+        totals[:, chunk] += run(model, stack, [token_ids[j] for j in chunk], device, visual_kv)
     return totals.tolist()
 
 
@@ -228,7 +229,7 @@ class _Stack:
             self.visual = pad_media([none if p.visual is None else p.visual[0] for p in prompts])
 
 
-def _flat_chunk(model, stack: _Stack, chunk: list[list[int]], device) -> torch.Tensor:
+def _flat_chunk(model, stack: _Stack, chunk: list[list[int]], device, visual_kv: dict) -> torch.Tensor:
     """(g, len(chunk)) summed log-probs of candidate tokens 2.. of each candidate after each prompt.
 
     The chunk's candidates are one sequence per prompt laid out as a trie: a prefix that several
@@ -258,22 +259,23 @@ def _flat_chunk(model, stack: _Stack, chunk: list[list[int]], device) -> torch.T
     mask = torch.cat([stack.valid[:, None, :].expand(g, q, P), own.expand(g, q, q)], dim=-1)[:, None]
     out = model(torch.tensor([tokens], device=device).expand(g, q), stack.visual, attention_mask=mask,
                 position_ids=stack.lengths[:, None] + torch.tensor(depth, device=device),
-                images_before=stack.images, cache=as_cache(stack.states), use_cache=True)
+                images_before=stack.images, cache=as_cache(stack.states), use_cache=True, visual_kv=visual_kv)
     logp = out.logits.float().log_softmax(-1)[:, at, targets]  # (g, tokens scored)
     return torch.zeros(g, len(chunk), device=device).index_add_(1, owner, logp)
 
 
-def _row_chunk(model, stack: _Stack, chunk: list[list[int]], device) -> torch.Tensor:
+def _row_chunk(model, stack: _Stack, chunk: list[list[int]], device, visual_kv: dict) -> torch.Tensor:
     """As _flat_chunk, one right-padded row per (prompt, candidate) on a 2D padding mask."""
     g, k = len(stack.prompts), len(chunk)
     ids, valid = _right_pad(chunk, model.pad_token_id, device)
     rows = torch.arange(g, device=device).repeat_interleave(k)
     inputs, mask = ids[:, :-1].repeat(g, 1), valid[:, :-1].repeat(g, 1)
     states = [(key[rows], value[rows]) for key, value in stack.states]  # copies: this path cannot share them
-    visual = None if stack.visual is None else (stack.visual if g == 1 else stack.visual[rows])
+    # Rows of several prompts pick their images afresh (a new tensor per chunk): no K/V to keep.
+    visual, kept = (stack.visual, visual_kv) if g == 1 or stack.visual is None else (stack.visual[rows], None)
     out = model(inputs, visual, attention_mask=torch.cat([stack.valid[rows], mask], dim=1).long(),
                 position_ids=stack.lengths[rows, None] + torch.arange(inputs.shape[1], device=device),
-                images_before=stack.images[rows], cache=as_cache(states), use_cache=True)
+                images_before=stack.images[rows], cache=as_cache(states), use_cache=True, visual_kv=kept)
     logp = out.logits.float().log_softmax(-1).gather(-1, ids[:, 1:].repeat(g, 1)[..., None]).squeeze(-1)
     return torch.where(valid[:, 1:].repeat(g, 1), logp, 0.0).sum(1).view(g, k)
 

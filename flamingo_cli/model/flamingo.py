@@ -204,7 +204,8 @@ class Flamingo(nn.Module):
     def forward(self, input_ids: torch.Tensor, visual: torch.Tensor | None = None, *,
                 features: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 images_before: torch.Tensor | None = None, next_image: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache=None, use_cache: bool = False):
+                position_ids: torch.Tensor | None = None, cache=None, use_cache: bool = False,
+                visual_kv: dict | None = None):
         """Next-token logits for input_ids (b, t) conditioned on visual tokens (b, m, l, d); visual
         (1, m, l, d) is one set of media shared by every sequence.
 
@@ -217,13 +218,16 @@ class Flamingo(nn.Module):
         Instead of visual tokens, `features` (b, m, f, n, d) may be given; they are resampled
         here, inside the forward, which is what sharded (FSDP) training needs. attention_mask
         may be the LM's 2D padding mask or a 4D (b, 1, t, cache + t) additive mask, passed as is.
+        `visual_kv`, a dict given to consecutive calls on the same `visual` tensor, keeps the
+        images' cross-attention K/V between them, so each image is projected once (score's chunks).
         Returns the LM's output (`.logits`, and the cache when use_cache).
         """
         if features is not None:
             visual = self.resample(features)
         phi = image_index(input_ids, self.image_token_id, images_before, next_image, self.reset_token_id)
         self._check_media(phi, visual)
-        ctx = MediaContext(visual=visual, phi=phi, start=_cache_length({"cache": cache}))
+        ctx = MediaContext(visual=visual, phi=phi, start=_cache_length({"cache": cache}),
+                           kv={} if visual_kv is None else visual_kv)
         extra = {} if position_ids is None else {"position_ids": position_ids}
         with self._conditioned(ctx):
             return self.lm(input_ids=input_ids, attention_mask=attention_mask,

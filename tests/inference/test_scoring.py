@@ -71,11 +71,17 @@ def test_chunks_give_the_same_scores_and_leave_the_prefix_intact(make_model, fam
 def test_the_prompt_runs_once(make_model, batch_size):
     model = make_model("llama", gates=0.5)
     prompt_ids, visual = prompt_of(model)
-    lengths = []
+    lengths, projected = [], []
     handle = model.lm.register_forward_pre_hook(
         lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    to_kv = next(iter(model.xattn.values())).attn.to_kv
+    kv_handle = to_kv.register_forward_pre_hook(lambda module, args: projected.append(args[0].shape[0]))
     score_candidates(model, prompt_ids, visual, CANDIDATES, batch_size=batch_size)
     handle.remove()
+    kv_handle.remove()
+    # Each image's K/V is projected once by the prompt's run, and the candidates' image once more
+    # for all the chunks: not once per chunk.
+    assert sum(projected) == IMAGES + 1
     # The prompt runs once, as its context (the tokens before its last <image>) and then its query.
     assert len(lengths) == 2 + math.ceil(len(CANDIDATES) / batch_size)
     ids = prompt_ids[0].tolist()
