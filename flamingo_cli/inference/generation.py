@@ -23,14 +23,23 @@ def check_prompt_record(record: dict) -> tuple[str, list[str]]:
     if prompt.count(IMAGE_TOKEN) != len(media):
         raise ArtifactError(f"{rid}: prompt has {prompt.count(IMAGE_TOKEN)} {IMAGE_TOKEN} marker(s) "
                             f"but media lists {len(media)}")
+    if not isinstance(record.get("bos", True), bool):
+        raise ArtifactError(f"{rid}: 'bos' must be true or false")
     return prompt, media
 
 
-def tokenize_prompts(model, texts: list[str], **options):
+def tokenize_prompts(model, texts: list[str], *, bos: bool | list[bool] = True, **options):
     """The one place prompt text becomes tokens: written with our markers (<image>, <|endofchunk|>),
     it is tokenized as the model reads them (config.model_text: IDEFICS's image markup, say).
-    options: the tokenizer's."""
-    return model.tokenizer([model.config.model_text(text) for text in texts], **options)
+    bos: whether each text begins with the LM's beginning-of-sequence token (a prompt record's
+    `bos`, false where its template says so). options: the tokenizer's."""
+    texts = [model.config.model_text(text) for text in texts]
+    flags = [bos] * len(texts) if isinstance(bos, bool) else list(bos)
+    if len(set(flags)) <= 1:
+        return model.tokenizer(texts, add_special_tokens=flags[0] if flags else True, **options)
+    # Texts that differ in their BOS are tokenized one by one, then padded together.
+    encoded = [model.tokenizer(text, add_special_tokens=flag) for text, flag in zip(texts, flags)]
+    return model.tokenizer.pad(encoded, padding=True, return_tensors=options.get("return_tensors"))
 
 
 def check_context(model, name: str, prompt_tokens: int, more: int, what: str) -> None:
@@ -58,7 +67,8 @@ def generate_records(model, records: Iterable[dict], media: MediaResolver, *, nu
         entries.append(media_entries)
         visuals.append(media.visuals(media_entries))
     tokenizer.padding_side = "left"
-    batch = tokenize_prompts(model, texts, return_tensors="pt", padding=True).to(device)
+    batch = tokenize_prompts(model, texts, bos=[r.get("bos", True) for r in records], return_tensors="pt",
+                             padding=True).to(device)
     for record, length in zip(records, batch.attention_mask.sum(1).tolist()):
         check_context(model, record.get("id", "<record>"), length, max_new_tokens, "--max-new-tokens allows")
     visual = pad_media(visuals)
@@ -118,7 +128,7 @@ def stream_record(model, record: dict, media: MediaResolver, *, max_new_tokens: 
 
     prompt, entries = check_prompt_record(record)
     visuals = [media.visuals(entries)]
-    batch = tokenize_prompts(model, [prompt], return_tensors="pt").to(device)
+    batch = tokenize_prompts(model, [prompt], bos=record.get("bos", True), return_tensors="pt").to(device)
     ids = batch.input_ids
     check_context(model, record.get("id", "<record>"), ids.shape[1], max_new_tokens, "--max-new-tokens allows")
     cache = None if prefix_cache is None else _cached_prompts(prefix_cache, batch, [entries], visuals)

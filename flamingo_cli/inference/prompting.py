@@ -1,7 +1,8 @@
 """Few-shot prompts: templates, choosing demonstrations (shots) and rendering a prompt.
 
 A prompt record is the query record plus `prompt` (text with one `<image>` per media entry),
-`media` (the shots' media, then the query's), `shots` (the support ids used) and `template`.
+`media` (the shots' media, then the query's), `shots` (the support ids used) and `template`, and
+`bos: false` where the template's prompts begin without the LM's beginning-of-sequence token.
 Both `flamingo prompt` and `flamingo generate --shots` build prompts here, so the two agree.
 """
 from __future__ import annotations
@@ -40,7 +41,9 @@ class Template:
     """How a record becomes a demonstration (`shot`) or the final question (`query`).
 
     `shot`, `query` and `continuation` are format strings over plain `{field}` names;
-    `answer` names the record field a demonstration's answer comes from."""
+    `answer` names the record field a demonstration's answer comes from. `prefix` is plain text
+    that begins every prompt (an instruction), before its first demonstration; `bos` false
+    tokenizes the prompts without the LM's beginning-of-sequence token."""
 
     name: str
     shot: str
@@ -48,6 +51,8 @@ class Template:
     answer: str
     candidates: list[str] | None = None
     continuation: str = " {candidate}<|endofchunk|>"
+    prefix: str = ""
+    bos: bool = True
 
     def __post_init__(self):
         problem = _template_problem(self)
@@ -69,9 +74,13 @@ def _placeholders(fmt: str) -> list[str]:
 
 
 def _template_problem(t: Template) -> str | None:
-    for key in ("shot", "query", "answer", "continuation"):
+    for key in ("shot", "query", "answer", "continuation", "prefix"):
         if not isinstance(getattr(t, key), str):
             return f"{key} must be a string"
+    if not isinstance(t.bos, bool):
+        return "bos must be true or false"
+    if IMAGE in t.prefix or "{" in t.prefix or "}" in t.prefix:
+        return f"prefix is plain text: no {IMAGE} and no {{field}}"
     if t.candidates is not None and (
         not isinstance(t.candidates, list) or not t.candidates
         or not all(isinstance(c, str) for c in t.candidates)
@@ -95,7 +104,7 @@ def _template_problem(t: Template) -> str | None:
     return None
 
 
-_TEMPLATE_KEYS = {"shot", "query", "answer", "candidates", "continuation"}
+_TEMPLATE_KEYS = {"shot", "query", "answer", "candidates", "continuation", "prefix", "bos"}
 _REQUIRED_KEYS = ("shot", "query", "answer")
 
 
@@ -217,14 +226,14 @@ def build_prompt(
     *,
     zero_shot_examples: list[dict[str, Any]] | None = None,
 ) -> tuple[str, list[str]]:
-    """(prompt text, media): the shots rendered in order, then the query.
+    """(prompt text, media): the template's prefix, the shots rendered in order, then the query.
 
     Zero-shot, `zero_shot_examples` are rendered as shots without their `<image>`, text
     only, which the paper found better than an empty context."""
     if shots and zero_shot_examples:
         raise ValueError("zero_shot_examples apply only when there are no shots")
     text_only = template.shot.replace(IMAGE, "")
-    parts = [render(text_only, ex, template.name) for ex in zero_shot_examples or []]
+    parts = [template.prefix] + [render(text_only, ex, template.name) for ex in zero_shot_examples or []]
     parts += [render(template.shot, s, template.name) for s in shots]
     parts.append(render(template.query, query, template.name))
     text = "".join(parts)
@@ -272,6 +281,9 @@ def _prompt_record(template: Template, query: dict[str, Any], shots: list[dict[s
         text, media = build_prompt(template, query, [], zero_shot_examples=shots)
     record = {**query, "prompt": text, "media": media, "shots": [_record_id(s) for s in shots],
               "template": template.name}
+    record.pop("bos", None)  # the template's to say, not an earlier prompt's
+    if not template.bos:
+        record["bos"] = False
     if ensemble is not None:
         record["ensemble"] = ensemble
     return record

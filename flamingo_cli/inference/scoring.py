@@ -110,7 +110,7 @@ def _score_group(model, records, media, candidates, continuation, normalize, bat
     with torch.no_grad():
         for record in records:
             text, entries = check_prompt_record(record)
-            ids = tokenize_prompts(model, [text]).input_ids[0]
+            ids = tokenize_prompts(model, [text], bos=record.get("bos", True)).input_ids[0]
             check_context(model, record.get("id", "<record>"), len(ids), longest, "its longest candidate takes")
             visual = media.visuals(entries).unsqueeze(0) if entries else None
             prompts.append(_run_prompt(model, ids, visual, prefix_cache, entries))
@@ -129,7 +129,7 @@ def rank(scores: dict[str, float]) -> str:
 
 def candidate_ids(model, continuation: str, candidate: str) -> list[int]:
     """Token ids of one candidate's continuation, without BOS/EOS: it continues the prompt."""
-    ids = tokenize_prompts(model, [continuation.format(candidate=candidate)], add_special_tokens=False).input_ids[0]
+    ids = tokenize_prompts(model, [continuation.format(candidate=candidate)], bos=False).input_ids[0]
     if not ids:
         raise ValueError(f"candidate {candidate!r} has no tokens with continuation {continuation!r}")
     return ids

@@ -250,6 +250,63 @@ def test_idefics_templates_tokenize_as_its_processor_writes_its_prompts(setups, 
     assert tokenize_prompts(model, [text]).input_ids[0] == theirs
 
 
+# IDEFICS's published evaluation (HuggingFace's m4 code): each template's prefix and example as m4
+# writes them, with m4's field names. m4 builds a prompt as prefix + the shots' examples + the query's
+# example (its answer empty, or the tested class), strips it, writes each <image> in IDEFICS's markup
+# and tokenizes it adding no special tokens (the BOS, where there is one, is in the prefix).
+M4_TEMPLATES = {
+    "idefics-eval-vqa": ("{bos}Instruction: provide an answer to the question. Use the image to answer.\n",
+                         "Image:<image>Question: {question} Answer: {answer}\n"),
+    "idefics-eval-vizwiz": ("{bos}Task: Answer the questions based on the image when possible, otherwise say"
+                            " unanswerable.\n", "Image:<image>Question: {question} Answer: {answer}\n"),
+    "idefics-eval-captioning": ("{bos}", "Image:<image>Caption: {caption}\n"),
+    "idefics-eval-classification": ("", "<image>a photo of a {class_name}."),
+    "idefics-eval-hatefulmemes": ("It's a conversation between a human, the user, and an intelligent visual AI, Bot."
+                                  " The user sends memes with text written on them, and Bot has to say whether"
+                                  " the meme is hateful or not.",
+                                  '<image>is an image with written "{text}" on it. Is it hateful? Answer: {class_name}'),
+}
+EVAL_SHOTS = [{"id": "s1", "question": "What colour is it?", "answer": "red", "caption": "a red circle",
+               "label": "yes", "text": "look at this"},
+              {"id": "s2", "question": "How many?", "answer": "two", "caption": "two blue squares",
+               "label": "no", "text": "a nice day"}]
+EVAL_QUERY = {"id": "q", "question": "What shape is it?", "text": "hello there"}
+
+
+def m4_ids(tok, name, shots, query, tested=""):
+    prefix, example = M4_TEMPLATES[name]
+    source = {"Answer: {answer}": "answer", "{caption}": "caption"}
+    field = next((f for marker, f in source.items() if marker in example), "label")
+
+    def fill(record, answer):
+        return example.format(question=record.get("question"), text=record.get("text"), answer=answer,
+                              caption=answer, class_name=answer)
+
+    text = prefix.format(bos=tok.bos_token) + "".join(fill(s, s[field]) for s in shots) + fill(query, tested).strip()
+    return tok(text.strip().replace(IMAGE, f"{FAKE}{IMAGE}{FAKE}"), add_special_tokens=False).input_ids
+
+
+@pytest.mark.parametrize("name", sorted(M4_TEMPLATES))
+def test_idefics_evaluation_templates_are_m4s_prompts_token_for_token(setups, name):
+    from flamingo_cli.inference.generation import tokenize_prompts
+    from flamingo_cli.inference.prompting import load_template, make_prompt_records
+    from flamingo_cli.inference.scoring import candidate_ids
+
+    model = setups["A"][2]
+    tok, _ = tiny_tokenizer_with_image_tokens()
+    template = load_template(name)
+    support = [{"image": f"{s['id']}.png", **s} for s in EVAL_SHOTS]
+    record = make_prompt_records(template, {"image": "q.png", **EVAL_QUERY}, support, k=2, method="first",
+                                 seed=0)[0]
+    ours = tokenize_prompts(model, [record["prompt"]], bos=record.get("bos", True)).input_ids[0]
+    if name in ("idefics-eval-vqa", "idefics-eval-vizwiz", "idefics-eval-captioning"):  # generated
+        assert ours == m4_ids(tok, name, EVAL_SHOTS, EVAL_QUERY)
+    else:  # scored: the prompt and each candidate's continuation are m4's text with that class in it
+        for candidate in template.candidates or ["goldfish", "great white shark"]:
+            assert ours + candidate_ids(model, template.continuation, candidate) == m4_ids(
+                tok, name, EVAL_SHOTS, EVAL_QUERY, candidate)
+
+
 def test_the_checkpoint_config_says_what_idefics_is(setups):
     _, _, model, ckpt = setups["B"]
     config = model.config

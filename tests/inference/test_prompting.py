@@ -110,6 +110,9 @@ def test_template_from_a_yaml_file(tmp_path):
         ('shot: "<image>{a}"\nquery: "<image>{}"\nanswer: a\n', "query: placeholder {} is not a plain {field} name"),
         ('shot: "<image>{a}"\nquery: "<image>"\nanswer: b\n', "shot does not use the answer field {b}"),
         ('shot: "<image>{a}"\nquery: "<image>"\nanswer: a\ncandidates: [yes, no]\n', "candidates must be a non-empty list of strings"),
+        ('shot: "<image>{a}"\nquery: "<image>"\nanswer: a\nprefix: "Task: {a}"\n', "prefix is plain text"),
+        ('shot: "<image>{a}"\nquery: "<image>"\nanswer: a\nprefix: "<image>"\n', "prefix is plain text"),
+        ('shot: "<image>{a}"\nquery: "<image>"\nanswer: a\nbos: maybe\n', "bos must be true or false"),
         ("- a list\n", "expected a mapping"),
         ("shot: [unclosed\n", "invalid YAML"),
     ],
@@ -304,6 +307,20 @@ def test_zero_shot_uses_text_only_examples():
     assert media == ["/q.jpg"]
     with pytest.raises(ValueError):
         build_prompt(template, {"id": "q", "image": "/q.jpg"}, examples, zero_shot_examples=examples)
+
+
+def test_a_prefix_begins_every_prompt_and_bos_false_is_the_records_to_carry():
+    template = Template(name="t", shot="<image>{a}|", query="<image>", answer="a", prefix="Task: name it.\n",
+                        bos=False)
+    support = [{"id": i, "image": f"{i}.jpg", "a": f"x{i}"} for i in range(3)]
+    few = make_prompt_record(template, {"id": "q", "image": "q.jpg", "bos": True}, support, k=2, method="first",
+                             seed=0)
+    assert few["prompt"] == "Task: name it.\n<image>x0|<image>x1|<image>" and few["bos"] is False
+    zero = make_prompt_record(template, {"id": "q", "image": "q.jpg"}, support, k=0, method="first", seed=0)
+    assert zero["prompt"] == "Task: name it.\nx0|x1|<image>" and zero["bos"] is False
+    plain = Template(name="u", shot="<image>{a}", query="<image>", answer="a")
+    again = make_prompt_record(plain, few, support, k=1, method="first", seed=0)
+    assert "bos" not in again  # a template with a BOS drops an earlier prompt's false
 
 
 def test_make_prompt_record_zero_shot():

@@ -193,3 +193,22 @@ def test_a_prompt_and_candidate_past_the_lms_context_is_refused(make_model):
     with pytest.raises(ArtifactError, match=rf"^long: the prompt is {n} tokens and its longest candidate takes \d+ more: "
                                             r"\d+ is over the LM's context of 512 tokens"):
         score_record(model, record, MediaResolver(model), ["red", "a much longer candidate"])
+
+
+def test_a_record_without_bos_is_scored_without_it(make_model):
+    from tokenizers import processors
+
+    from flamingo_cli.inference.media import MediaResolver
+    from flamingo_cli.inference.scoring import score_records
+
+    model = make_model("llama", gates=0.5)
+    bos = model.tokenizer.bos_token_id
+    model.tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                                             special_tokens=[("<s>", bos)])
+    text = "Question: how many shapes are there? Answer:"
+    record = {"id": "a", "prompt": text, "media": [], "bos": False}
+    got = next(score_records(model, [record], MediaResolver(model), candidates=CANDIDATES))["scores"]
+    with_bos = next(score_records(model, [{**record, "bos": True}], MediaResolver(model), candidates=CANDIDATES))
+    ids = model.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    assert list(got.values()) == pytest.approx(score_candidates(model, ids, None, CANDIDATES), abs=1e-5)
+    assert list(with_bos["scores"].values()) != pytest.approx(list(got.values()), abs=1e-3)
