@@ -17,7 +17,7 @@ the evaluation layer. An answer ends where the model starts a new round (ANSWER_
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,7 @@ def prompt_record(record: dict, render: Render, shots: Shots | None = None) -> d
     query = {**check_dialogue(record), "dialogue": render(record)}
     if shots is None:
         return {**query, "prompt": IMAGE + query["dialogue"], "media": [media_entry(query)]}
-    template = Template(shots.template.name, shots.template.shot, QUERY, shots.template.answer)
+    template = replace(shots.template, query=QUERY)  # its shots, prefix and BOS; the dialogue as the query
     return next(prompt_records(template, [query], shots.support, k=shots.k, method=shots.select, seed=shots.seed,
                                at_most=shots.at_most))
 

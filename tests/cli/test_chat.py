@@ -89,6 +89,14 @@ def test_shots_come_first_chosen_and_rendered_as_generate_shots_does():
     assert prompt_record(record, render_dialogue, at_most)["prompt"] == prompt["prompt"]
     with pytest.raises(Exception, match="4 support examples needed but only 2"):
         prompt_record(record, render_dialogue, Shots(load_template("vqa"), support, k=4, select="first"))
+    # A template's instruction and BOS are the chat's too (IDEFICS's evaluation prompts have both).
+    idefics = prompt_record(record, render_dialogue, Shots(load_template("idefics-eval-vizwiz"), support, k=2,
+                                                           select="first"))
+    assert idefics["prompt"].startswith("Task: Answer the questions based on the image when possible")
+    classify = prompt_record(record, render_dialogue, Shots(load_template("idefics-eval-classification"),
+                                                            [{**s, "label": s["answer"]} for s in support], k=2,
+                                                            select="first"))
+    assert classify["bos"] is False
 
 
 @pytest.mark.parametrize("change, message", [
