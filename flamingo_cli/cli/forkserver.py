@@ -284,36 +284,34 @@ def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:
         raise ValueError(f"from user {uid}, not this server's")
     conn.settimeout(10)
     head, fds, _, _ = socket.recv_fds(conn, _HEADER.size, len(_FDS))
-    if len(head) != _HEADER.size:
+    try:  # whatever goes wrong, the descriptors it passed are closed here, not kept
+        request = _parse_request(conn, head, len(fds))
+    except (OSError, ValueError, KeyError, TypeError) as e:
         for fd in fds:
             os.close(fd)
+        raise ValueError(str(e) or type(e).__name__) from None
+    conn.settimeout(None)
+    return request, fds
+
+
+def _parse_request(conn: socket.socket, head: bytes, passed: int) -> dict:
+    if len(head) != _HEADER.size:
         raise ValueError("no header")
     size, = _HEADER.unpack(head)
     if size > _MAX_REQUEST:
-        for fd in fds:
-            os.close(fd)
         raise ValueError(f"{size} bytes")
     data = bytearray()
-    while len(data) < size:
-        chunk = conn.recv(min(1 << 16, size - len(data)))
-        if not chunk:
-            break
+    while len(data) < size and (chunk := conn.recv(min(1 << 16, size - len(data)))):
         data += chunk
-    try:
-        request = json.loads(data)
-        if not isinstance(request, dict):
-            raise ValueError("not a JSON object")
-        if not request.get("stop") and not (isinstance(request.get("argv"), list) and isinstance(request.get("cwd"), str)
-                                            and isinstance(request.get("env"), dict)):
-            raise ValueError("no argv, cwd and env")
-        if len(request.get("fds", [])) != len(fds):
-            raise ValueError("descriptors and request disagree")
-    except (ValueError, KeyError, TypeError) as e:
-        for fd in fds:
-            os.close(fd)
-        raise ValueError(str(e)) from None
-    conn.settimeout(None)
-    return request, fds
+    request = json.loads(data)
+    if not isinstance(request, dict):
+        raise ValueError("not a JSON object")
+    if not request.get("stop") and not (isinstance(request.get("argv"), list) and isinstance(request.get("cwd"), str)
+                                        and isinstance(request.get("env"), dict)):
+        raise ValueError("no argv, cwd and env")
+    if len(request.get("fds", [])) != passed:
+        raise ValueError("descriptors and request disagree")
+    return request
 
 
 def _run_in_child(request: dict, fds: list[int], conn: socket.socket) -> None:
