@@ -88,6 +88,14 @@ def set_gates(model, value: float) -> None:
             block.ff_gate.fill_(value)
 
 
+def add_bos(tokenizer) -> None:
+    """The tiny tokenizer adds no special tokens; make it begin every text with <s>, as LLaMA's does."""
+    from tokenizers import processors
+
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.convert_tokens_to_ids("<s>"))])
+
+
 def visual_tokens(batch: int, images: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, images, 4, VISUAL_DIM, generator=g)

@@ -224,8 +224,7 @@ def test_make_demo_prints_what_the_readme_shows():
     assert r.returncode == 0, r.stderr[-2000:]
     readme = (ROOT / "README.md").read_text()
     shown = readme.split("It prints each image's file name")[1].split("```")[1].strip("\n").splitlines()
-    printed = [line for line in r.stdout.splitlines()]
-    assert printed == [line for line in shown if not line.startswith("== ")], r.stdout
+    assert r.stdout.splitlines() == [line for line in shown if not line.startswith("== ")], r.stdout
 
 
 def test_stages_default_to_the_bundled_model_and_say_so(tmp_path):

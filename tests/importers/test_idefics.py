@@ -34,14 +34,14 @@ IMAGES = [2, 3]
 def tiny_tokenizer_with_image_tokens(extra=()):
     """The project's tiny BPE, adding <s> as LLaMA's does, with IDEFICS's two tokens (and `extra`, as an
     instruct model's <end_of_utterance>) after its vocabulary."""
-    from tokenizers import processors
+    from conftest import add_bos
 
     from flamingo_cli.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
     vocab = len(tok)
     tok.add_tokens([FAKE, IMAGE, *extra], special_tokens=True)  # ids vocab, vocab + 1, ...
-    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    add_bos(tok)
     return tok, vocab
 
 

@@ -30,12 +30,11 @@ def test_a_record_without_bos_is_tokenized_without_it_alone_or_in_a_batch(make_m
     from flamingo_cli.errors import FlamingoError
     from flamingo_cli.inference.generation import tokenize_prompts
 
-    from tokenizers import processors
+    from conftest import add_bos
 
     model = make_model("llama", gates=0.0)
-    bos = model.tokenizer.bos_token_id  # the tiny tokenizer adds none; LLaMA's adds <s>, as this one now does
-    model.tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A",
-                                                                             special_tokens=[("<s>", bos)])
+    add_bos(model.tokenizer)
+    bos = model.tokenizer.bos_token_id
     texts = ["What shape is it?", "a red circle on a blue background. What colour is it?"]
     assert tokenize_prompts(model, texts[:1]).input_ids[0][0] == bos
     assert tokenize_prompts(model, texts[:1], bos=False).input_ids[0][0] != bos

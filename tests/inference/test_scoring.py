@@ -196,15 +196,13 @@ def test_a_prompt_and_candidate_past_the_lms_context_is_refused(make_model):
 
 
 def test_a_record_without_bos_is_scored_without_it(make_model):
-    from tokenizers import processors
+    from conftest import add_bos
 
     from flamingo_cli.inference.media import MediaResolver
     from flamingo_cli.inference.scoring import score_records
 
     model = make_model("llama", gates=0.5)
-    bos = model.tokenizer.bos_token_id
-    model.tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A",
-                                                                             special_tokens=[("<s>", bos)])
+    add_bos(model.tokenizer)
     text = "Question: how many shapes are there? Answer:"
     record = {"id": "a", "prompt": text, "media": [], "bos": False}
     got = next(score_records(model, [record], MediaResolver(model), candidates=CANDIDATES))["scores"]
