@@ -14,9 +14,10 @@ the same work in two fresh processes varies by up to a sixth on a 2-core machine
 overhead being measured. The outputs are checked identical. Also prints where a stage's start-up
 goes (imports, checkpoint loading) in a fresh interpreter, and the same command with OpenMP's
 threads sleeping while they wait (OMP_WAIT_POLICY=PASSIVE, what a stage reading or writing a pipe
-sets).
+sets), and two such commands at once on the first --pair records, under each wait policy: spinning
+(the default), PASSIVE, and a short spin (GOMP_SPINCOUNT=10000).
 
-    .venv/bin/python benchmarks/cli_overhead.py [--records 1000] [--stages score,generate] [--repeats 3]
+    .venv/bin/python benchmarks/cli_overhead.py [--records 1000] [--stages score,generate] [--repeats 3] [--pair 300]
 """
 
 import argparse
@@ -104,6 +105,17 @@ def wall(*args, env) -> float:
     return time.perf_counter() - start
 
 
+def side_by_side(stage: str, prompts: Path, work: Path, env: dict) -> float:
+    """Wall time of two runs of the same command started together (stages sharing the cores)."""
+    start = time.perf_counter()
+    runs = [subprocess.Popen([str(BIN / "flamingo"), *COMMANDS[stage], "-q", str(prompts), "-o",
+                              str(work / f"pair{i}.jsonl")], env=env, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL) for i in range(2)]
+    if any(run.wait() for run in runs):
+        raise SystemExit(f"{stage}: a side-by-side run failed")
+    return time.perf_counter() - start
+
+
 def same_outputs(stage: str, got: Path, want: Path) -> bool:
     keys = ("scores", "prediction") if stage == "score" else ("output",)
     rows = [[[json.loads(line)[k] for k in keys] for line in path.read_text().splitlines()] for path in (got, want)]
@@ -115,6 +127,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=1000)
     parser.add_argument("--stages", default="score,generate")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each, interleaved; the median is reported")
+    parser.add_argument("--pair", type=int, default=300, help="records for the two-at-once runs (0: none)")
     args = parser.parse_args()
     from flamingo_cli.formats.checkpoint import BUNDLED_CHECKPOINT
 
@@ -124,8 +137,9 @@ def main() -> None:
         env = {**os.environ, "FLAMINGO_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
                "OMP_NUM_THREADS": threads}
         prompts = write_prompts(work, args.records, env)
-        one = work / "one.jsonl"
+        one, pair = work / "one.jsonl", work / "pair.jsonl"
         one.write_text(prompts.read_text().splitlines(keepends=True)[0])
+        pair.write_text("".join(prompts.read_text().splitlines(keepends=True)[:args.pair]))
         startup = subprocess.run([sys.executable, "-c", STARTUP.format(ckpt=str(BUNDLED_CHECKPOINT))], env=env,
                                  check=True, capture_output=True, text=True).stdout.split()
         print(f"start-up in a fresh interpreter: imports {float(startup[0]):.2f} s, loading the checkpoint "
@@ -160,6 +174,12 @@ def main() -> None:
                            env={**env, "OMP_WAIT_POLICY": "PASSIVE"})
             print(f"{'':>9} with OMP_WAIT_POLICY=PASSIVE (a stage in a pipe): {passive:.2f} s; spinning alone is "
                   f"{passive / m['cli']:.2f}x faster", flush=True)
+            if args.pair:
+                policies = {"spinning": {}, "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+                            "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"}}
+                print(f"{'':>9} two at once, {args.pair} records each: " + ", ".join(
+                    f"{name} {side_by_side(stage, pair, work, {**env, **extra}):.2f} s"
+                    for name, extra in policies.items()), flush=True)
         subprocess.run([str(BIN / "flamingo"), "server", "--stop", "--socket", socket], env=env, check=True)
 
 

@@ -246,6 +246,8 @@ def bench_score(model, media, peak, sample: int):
               f"{per_of / per_ours:.0f}x; loop {per_loop * 1e3:.1f} ms: {per_loop / per_ours:.0f}x", flush=True)
         achieved(f"1000-way scoring, {name}", lambda: score_candidates(model, ids, visual, answers, batch_size=64),
                  t_ours, peak)
+        t_wide, _ = timed(lambda: score_candidates(model, ids, visual, answers, batch_size=256))
+        print(f"  {name}, 256 candidates per forward: {t_wide / len(answers) * 1e3:.2f} ms per candidate", flush=True)
 
 
 def main():
